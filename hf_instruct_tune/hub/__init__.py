@@ -1,0 +1,1 @@
+"""Publishing adapters to the Hugging Face Hub: model cards, repo creation and uploads."""

@@ -1,0 +1,1 @@
+"""Test helpers: tiny models and a local Hub-compatible server."""

@@ -1,0 +1,1 @@
+"""Built-in prompt templates, shipped as package data of ``hf_instruct_tune``."""
