@@ -1,0 +1,64 @@
+"""The ``hf-instruct-tune`` command line: one module per command, wired here."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from ..errors import InstructTuneError
+
+# command name -> module under hf_instruct_tune.cli; each module has `add_parser(subparsers)` and `run(args) -> int`.
+COMMANDS = {
+    "train": "train",
+    "generate": "generate",
+    "inspect": "inspect_data",
+    "templates": "templates",
+    "formatters": "formatters",
+    "card": "card",
+    "upload": "upload",
+    "export": "export",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-instruct-tune",
+        description="Instruction fine-tuning with EOS-safe labels, prompt templates and Hub publishing.",
+    )
+    parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMANDS.values():
+        try:
+            module = importlib.import_module(f".{module_name}", __name__)
+        except ModuleNotFoundError as error:
+            if error.name != f"{__name__}.{module_name}":
+                raise
+            continue
+        module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI and return its exit code: 0 ok, 2 bad input or usage, 1 an unexpected failure."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return int(args.func(args) or 0)
+    except InstructTuneError as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
