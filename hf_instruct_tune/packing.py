@@ -1,0 +1,197 @@
+"""Padding-free (packed) batches with per-example attention isolation.
+
+A packed batch concatenates every example of a micro-batch into one row ``[1, T]``:
+no pad token is computed, and nothing in the batch attends across examples.
+
+Isolation comes from two places, and both are needed:
+
+* **Attention.** ``position_ids`` restart at 0 for every example. With ``sdpa``/``eager`` and
+  ``attention_mask=None``, transformers' ``masking_utils.find_packed_sequence_indices`` turns that into a
+  block-causal mask. Flash-attention kernels take ``cu_seq_lens_q/k`` and ``max_length_q/k`` instead
+  (``pack_features(..., flash_attn_kwargs=True)``), as does :data:`VARLEN_ATTENTION`, the attention
+  implementation this module registers on top of PyTorch's own flash-attention varlen kernel.
+  An explicit ``attention_mask`` or a KV cache (``use_cache=True``) disables the detection: the batch carries
+  ``use_cache=False`` and no mask.
+* **Labels.** The causal-LM loss predicts token ``t+1`` from token ``t``, so the last token of one example
+  would be trained to predict the first token of the next. The first label of every example is set to -100.
+
+The loss of a packed batch is then the loss of the same examples padded: the sum over supervised tokens
+divided by their count (``tests/test_packing.py`` checks loss and gradients).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+IGNORE_INDEX = -100
+VARLEN_ATTENTION = "torch_varlen"
+"""Name of the attention implementation that :func:`register_varlen_attention` adds to transformers."""
+
+
+def pack_features(
+    features: Sequence[dict[str, Any]],
+    pad_token_id: int | None = None,
+    *,
+    flash_attn_kwargs: bool = False,
+) -> dict[str, torch.Tensor | int]:
+    """Concatenate tokenized examples into one isolated, padding-free row.
+
+    Args:
+        features: dicts with ``input_ids`` and ``labels`` (lists or 1-D tensors of equal length); labels are
+            already -100 on the prompt and hold the stop token once. Other keys are ignored.
+        pad_token_id: unused by the packed layout (there is no padding); accepted so that a collator can pass
+            its own arguments through unchanged.
+        flash_attn_kwargs: also return ``cu_seq_lens_q/k`` (int32, ``[n+1]``) and ``max_length_q/k`` (int),
+            which flash-attention and :data:`VARLEN_ATTENTION` use instead of a mask.
+
+    Returns:
+        ``input_ids`` ``[1, T]``, ``labels`` ``[1, T]`` with the first token of every example at -100,
+        ``position_ids`` ``[1, T]`` restarting at 0 per example, ``use_cache=False`` (a KV cache turns the
+        packed-sequence detection off), and the flash kwargs when asked for. There is deliberately no
+        ``attention_mask``.
+    """
+    del pad_token_id
+    if not features:
+        raise ValueError("`features` should hold at least one example, got an empty list.")
+    ids, labels, positions, lengths = [], [], [], []
+    for i, feature in enumerate(features):
+        x = _as_list(feature["input_ids"])
+        y = _as_list(feature.get("labels", x))
+        if len(x) != len(y):
+            raise ValueError(f"Example {i}: `labels` should have the length of `input_ids` ({len(x)}), got {len(y)}.")
+        if not x:
+            raise ValueError(f"Example {i}: `input_ids` should not be empty.")
+        ids.extend(x)
+        labels.append(IGNORE_INDEX)
+        labels.extend(y[1:])
+        positions.extend(range(len(x)))
+        lengths.append(len(x))
+    batch: dict[str, torch.Tensor | int] = {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "labels": torch.tensor([labels], dtype=torch.long),
+        "position_ids": torch.tensor([positions], dtype=torch.long),
+        # transformers only detects packed rows when there is no KV cache: a model whose config says
+        # use_cache=True builds one even in training, and the examples then attend to each other.
+        "use_cache": False,
+    }
+    if flash_attn_kwargs:
+        cu = torch.tensor([0, *lengths], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    return batch
+
+
+def best_fit_decreasing(lengths: Sequence[int], budget: int) -> list[list[int]]:
+    """Group example indices into bins of at most ``budget`` tokens (best-fit decreasing).
+
+    An example longer than ``budget`` gets a bin of its own. Bins come out longest first; inside a bin the
+    indices keep their original order.
+    """
+    if budget < 1:
+        raise ValueError(f"`budget` should be a positive number of tokens, got {budget}.")
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        n = lengths[i]
+        best = -1
+        for b, r in enumerate(room):
+            if n <= r and (best < 0 or r < room[best]):
+                best = b
+        if best < 0:
+            bins.append([i])
+            room.append(budget - n)
+        else:
+            bins[best].append(i)
+            room[best] -= n
+    return [sorted(b) for b in bins]
+
+
+def supports_varlen_attention() -> bool:
+    """True when PyTorch's flash-attention varlen kernel can run here (a CUDA GPU of sm80 or newer)."""
+    try:
+        from torch.nn.attention import varlen  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+def best_attn_implementation() -> str:
+    """The fastest isolated attention for packed batches on this machine.
+
+    ``flash_attention_2`` when the ``flash_attn`` package is installed, else :data:`VARLEN_ATTENTION` (PyTorch's
+    built-in flash varlen kernel, registered on first use) on an sm80+ GPU, else ``sdpa`` with the packed
+    block-causal mask.
+    """
+    import importlib.util
+
+    if torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    if supports_varlen_attention():
+        register_varlen_attention()
+        return VARLEN_ATTENTION
+    return "sdpa"
+
+
+def register_varlen_attention() -> str:
+    """Register :data:`VARLEN_ATTENTION` with transformers' ``AttentionInterface`` and return its name.
+
+    The implementation reads ``cu_seq_lens_q`` and ``max_length_q`` from the forward kwargs (``pack_features``
+    with ``flash_attn_kwargs=True``); without them each row is one causal sequence. No mask is built for it.
+    """
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(VARLEN_ATTENTION, _varlen_attention_forward)
+    return VARLEN_ATTENTION
+
+
+def _varlen_call():
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    return varlen_attn, "window_size" in params, "enable_gqa" in params
+
+
+def _varlen_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    max_length_q: int | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention function: ``query`` ``[B, H, T, D]`` -> ``([B, T, H, D], None)``."""
+    if attention_mask is not None:
+        raise ValueError(f"`{VARLEN_ATTENTION}` isolates examples by `cu_seq_lens_q`; got an `attention_mask`.")
+    varlen_attn, has_window, has_gqa = _varlen_call()
+    b, hq, t, d = query.shape
+    hk = key.shape[1]
+    q = query.transpose(1, 2).reshape(b * t, hq, d)
+    k = key.transpose(1, 2).reshape(b * t, hk, d)
+    v = value.transpose(1, 2).reshape(b * t, hk, d)
+    if hk != hq and not has_gqa:
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+    if cu_seq_lens_q is None:
+        cu_seq_lens_q = torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device)
+        max_length_q = t
+    cu = cu_seq_lens_q.to(device=q.device, dtype=torch.int32)
+    extra: dict[str, Any] = {"scale": scaling}
+    if has_window:
+        extra["window_size"] = (-1, 0)  # causal
+    else:
+        extra["is_causal"] = True
+    if has_gqa and hk != hq:
+        extra["enable_gqa"] = True
+    out = varlen_attn(q, k, v, cu, cu, int(max_length_q), int(max_length_q), **extra)
+    return out.view(b, t, hq, d), None
+
+
+def _as_list(x: Any) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
