@@ -1,0 +1,195 @@
+"""Training backends: plain transformers + PEFT, or Unsloth; optionally a 4-bit (NF4) base.
+
+Three public steps, in this order:
+
+1. :func:`resolve_backend` (``"auto" | "transformers" | "unsloth"`` -> the concrete name). Call it, or
+   :func:`import_backend_early`, **before** transformers, trl or peft are imported: Unsloth patches them on
+   import. The CLI's ``train`` command does this first thing, from the raw ``--backend`` value, before it
+   imports the trainer module.
+2. :func:`load_for_training` -> ``(model, tokenizer_or_None)``; the tokenizer is only returned by Unsloth
+   (the transformers backend leaves tokenizer loading to the caller).
+3. :func:`add_lora` -> the LoRA-wrapped model (``FastLanguageModel.get_peft_model`` for Unsloth).
+
+Nothing here imports Unsloth, bitsandbytes or peft unless that backend or option is chosen.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+import warnings
+from typing import Any
+
+from hf_instruct_tune.errors import InputError, unknown_name
+
+BACKENDS = ("auto", "transformers", "unsloth")
+"""Values accepted by ``--backend``."""
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_backend(name: str) -> str:
+    """Return ``"transformers"`` or ``"unsloth"`` for a ``--backend`` value.
+
+    ``auto`` picks Unsloth when it is installed and a CUDA GPU is present, else transformers.
+    Raises :class:`InputError` for an unknown name, or for ``unsloth`` where it cannot run.
+    """
+    if name not in BACKENDS:
+        raise unknown_name("backend", name, BACKENDS)
+    if name == "auto":
+        return "unsloth" if _installed("unsloth") and _cuda() else "transformers"
+    if name == "unsloth":
+        if not _installed("unsloth"):
+            raise InputError(
+                "Backend 'unsloth' needs the unsloth package. Install it with "
+                "`pip install hf_instruct_tune[unsloth]`, or use `--backend transformers`.", field="backend")
+        if not _cuda():
+            raise InputError("Backend 'unsloth' needs a CUDA GPU, and none is visible. "
+                             "Use `--backend transformers` on this machine.", field="backend")
+    return name
+
+
+def import_backend_early(name: str) -> str:
+    """Resolve ``name`` and, for Unsloth, import it now so that its patches reach transformers, trl and peft.
+
+    Call it before anything imports transformers (the CLI's ``train`` command does so first). Warns when
+    transformers is already imported, since Unsloth's patches may then be incomplete.
+    """
+    backend = resolve_backend(name)
+    if backend == "unsloth" and "unsloth" not in sys.modules:
+        late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+        if late:
+            warnings.warn(f"Unsloth is imported after {', '.join(late)}; import hf_instruct_tune.backends and call "
+                          "import_backend_early() first for all of Unsloth's optimisations.", stacklevel=2)
+        importlib.import_module("unsloth")
+    return backend
+
+
+def check_4bit() -> None:
+    """Raise :class:`InputError` unless 4-bit loading can work here (bitsandbytes and a CUDA GPU)."""
+    if not _installed("bitsandbytes"):
+        raise InputError("`load_in_4bit` needs bitsandbytes. Install it with `pip install hf_instruct_tune[qlora]`, "
+                         "or train without `--load-in-4bit`.", field="load_in_4bit")
+    if not _cuda():
+        raise InputError("`load_in_4bit` needs a CUDA GPU, and none is visible. Train without `--load-in-4bit` "
+                         "on this machine.", field="load_in_4bit")
+
+
+def nf4_config(dtype: Any = None):
+    """The ``BitsAndBytesConfig`` used for 4-bit: NF4, double quantization, bf16 compute."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+
+
+def load_for_training(
+    model_name_or_path: str,
+    *,
+    backend: str = "auto",
+    load_in_4bit: bool = False,
+    dtype: Any = "auto",
+    attn_implementation: str | None = None,
+    gguf_file: str | None = None,
+    trust_remote_code: bool = False,
+    max_seq_length: int = 2048,
+) -> tuple[Any, Any | None]:
+    """Load a causal LM for fine-tuning with the chosen backend.
+
+    Args:
+        model_name_or_path: Hub id or local folder.
+        backend: ``auto``, ``transformers`` or ``unsloth`` (see :func:`resolve_backend`).
+        load_in_4bit: quantize the frozen base to NF4 with bitsandbytes (:func:`nf4_config`).
+        dtype: torch dtype or ``"auto"`` for the weights that stay unquantized.
+        attn_implementation: transformers' name (``sdpa``, ``eager``, ``flash_attention_2``,
+            :data:`hf_instruct_tune.packing.VARLEN_ATTENTION`, ...); ignored by Unsloth, which picks its own.
+        gguf_file: a GGUF file inside ``model_name_or_path`` (transformers backend only).
+        trust_remote_code: passed through to transformers.
+        max_seq_length: Unsloth's context length (its RoPE and kernels are sized from it).
+
+    Returns:
+        ``(model, tokenizer)`` for Unsloth, ``(model, None)`` for transformers.
+    """
+    backend = resolve_backend(backend)
+    if load_in_4bit:
+        check_4bit()
+    if backend == "unsloth":
+        if gguf_file:
+            raise InputError("Backend 'unsloth' cannot load a GGUF file; use `--backend transformers`.",
+                             field="gguf_file")
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.from_pretrained(
+            model_name_or_path, max_seq_length=max_seq_length, dtype=None if dtype == "auto" else dtype,
+            load_in_4bit=load_in_4bit, trust_remote_code=trust_remote_code)
+    from transformers import AutoModelForCausalLM
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        from hf_instruct_tune.packing import VARLEN_ATTENTION, register_varlen_attention
+
+        if attn_implementation == VARLEN_ATTENTION:
+            register_varlen_attention()
+        kwargs["attn_implementation"] = attn_implementation
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    if load_in_4bit:
+        kwargs["quantization_config"] = nf4_config()
+        kwargs["device_map"] = {"": _current_device()}
+    return AutoModelForCausalLM.from_pretrained(model_name_or_path, **kwargs), None
+
+
+def add_lora(
+    model: Any,
+    *,
+    backend: str,
+    r: int = 16,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.0,
+    target_modules: tuple[str, ...] | list[str] = LORA_TARGETS,
+    gradient_checkpointing: bool = True,
+    seed: int = 0,
+) -> Any:
+    """Wrap ``model`` with LoRA adapters for the backend it was loaded with.
+
+    Unsloth: ``FastLanguageModel.get_peft_model`` with its offloaded checkpointing (``"unsloth"``).
+    transformers: ``peft.get_peft_model``. The frozen base keeps its dtype (no fp32 upcast of embeddings and
+    norms as ``prepare_model_for_kbit_training`` does: that costs ~4 GiB on an 8B model); the adapters are
+    fp32 and run in the trainer's bf16 autocast. Gradient checkpointing is non-reentrant.
+    """
+    backend = resolve_backend(backend)
+    if backend == "unsloth":
+        from unsloth import FastLanguageModel
+
+        return FastLanguageModel.get_peft_model(
+            model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
+            target_modules=list(target_modules), random_state=seed,
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+    from peft import LoraConfig, get_peft_model
+
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
+                        target_modules=list(target_modules), task_type="CAUSAL_LM")
+    return get_peft_model(model, config)
+
+
+def _current_device() -> int | str:
+    import torch
+
+    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"

@@ -1,0 +1,106 @@
+"""Backend selection and its errors on CPU; label equality with Unsloth on a GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from hf_instruct_tune import backends
+from hf_instruct_tune.errors import InputError
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(backends, "_cuda", lambda: False)
+
+
+def _installed_except(monkeypatch, *missing):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(backends, "_installed", lambda m: m not in missing and real(m) is not None)
+
+
+def test_auto_without_gpu_is_transformers(no_gpu):
+    assert backends.resolve_backend("auto") == "transformers"
+
+
+def test_auto_without_unsloth_is_transformers(monkeypatch):
+    monkeypatch.setattr(backends, "_cuda", lambda: True)
+    _installed_except(monkeypatch, "unsloth")
+    assert backends.resolve_backend("auto") == "transformers"
+
+
+def test_auto_with_unsloth_and_gpu_is_unsloth(monkeypatch):
+    monkeypatch.setattr(backends, "_cuda", lambda: True)
+    monkeypatch.setattr(backends, "_installed", lambda m: True)
+    assert backends.resolve_backend("auto") == "unsloth"
+
+
+def test_transformers_is_transformers(no_gpu):
+    assert backends.resolve_backend("transformers") == "transformers"
+
+
+def test_unsloth_missing_names_the_extra(monkeypatch):
+    _installed_except(monkeypatch, "unsloth")
+    with pytest.raises(InputError, match=r"pip install hf_instruct_tune\[unsloth\]"):
+        backends.resolve_backend("unsloth")
+
+
+def test_unsloth_without_gpu(monkeypatch, no_gpu):
+    monkeypatch.setattr(backends, "_installed", lambda m: True)
+    with pytest.raises(InputError, match="needs a CUDA GPU"):
+        backends.resolve_backend("unsloth")
+
+
+def test_unknown_backend_lists_choices():
+    with pytest.raises(InputError, match="Unknown backend 'unslot'. Available: auto, transformers, unsloth. "
+                                         "Did you mean 'unsloth'?"):
+        backends.resolve_backend("unslot")
+
+
+def test_4bit_without_bitsandbytes(monkeypatch):
+    _installed_except(monkeypatch, "bitsandbytes")
+    with pytest.raises(InputError, match=r"bitsandbytes.*pip install hf_instruct_tune\[qlora\]"):
+        backends.check_4bit()
+
+
+def test_4bit_without_gpu(monkeypatch, no_gpu):
+    monkeypatch.setattr(backends, "_installed", lambda m: True)
+    with pytest.raises(InputError, match="`load_in_4bit` needs a CUDA GPU"):
+        backends.load_for_training("unused", backend="transformers", load_in_4bit=True)
+
+
+def test_transformers_backend_loads_and_adds_lora(tmp_path, no_gpu):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    model, tok = backends.load_for_training(str(tmp_path), backend="auto", dtype=torch.float32,
+                                            attn_implementation="sdpa")
+    assert tok is None and model.config._attn_implementation == "sdpa"
+    model = backends.add_lora(model, backend="transformers", r=4)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert sum("lora_A" in n for n in trainable) == 2 * len(backends.LORA_TARGETS)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth")
+def test_labels_identical_with_and_without_unsloth(tmp_path):
+    """Packing and labels do not depend on the backend: the same features give the same batch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json; {imp}from hf_instruct_tune.packing import pack_features; "
+        "f=[{{'input_ids':[5,6,7,2],'labels':[-100,6,7,2]}},{{'input_ids':[8,2],'labels':[8,2]}}]; "
+        "b=pack_features(f, 0, flash_attn_kwargs=True); "
+        "print(json.dumps({{k:(v.tolist() if hasattr(v,'tolist') else v) for k,v in b.items()}}))"
+    )
+    outs = [subprocess.run([sys.executable, "-c", code.format(imp=imp)], capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1]
+            for imp in ("", "import unsloth; ")]
+    assert outs[0] == outs[1]
