@@ -1,0 +1,91 @@
+"""EOS-safe collation: pad by position, never by token id, so a stop token that equals the pad token survives."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import InputError
+from .tokenization import IGNORE_INDEX, ExampleEncoder
+
+
+@dataclass
+class EOSSafeCollator:
+    """Batch examples for causal-LM training with labels that keep the stop token.
+
+    Works with any ``transformers.Trainer``. Features are either already encoded
+    (``{"input_ids": [...], "labels": [...]}``, as :class:`~hf_instruct_tune.InstructTrainer` and
+    :func:`~hf_instruct_tune.data.tokenize_source` produce them) or raw rows, which are formatted and
+    encoded on the fly when ``encoder`` and ``formatter`` are given (then pass
+    ``remove_unused_columns=False`` to the trainer).
+
+    Padding positions get ``attention_mask`` 0 and label -100; every other position keeps its label,
+    including a stop token whose id equals ``pad_token_id``.
+
+    Args:
+        pad_token_id: the id written into padding positions (its value never affects labels).
+        encoder: encodes raw rows; see :class:`~hf_instruct_tune.tokenization.ExampleEncoder`.
+        formatter: turns a raw row into a normalized example; see :mod:`hf_instruct_tune.formatters`.
+        padding_free: concatenate the batch into one row with per-example ``position_ids`` (packed
+            training with per-example attention isolation) instead of padding.
+        pad_to_multiple_of: round the padded length up to a multiple of this.
+        padding_side: ``"right"`` (training) or ``"left"``.
+    """
+
+    pad_token_id: int
+    encoder: ExampleEncoder | None = None
+    formatter: Callable[[Mapping], dict] | None = None
+    padding_free: bool = False
+    pad_to_multiple_of: int | None = None
+    padding_side: str = "right"
+    return_tensors: str = "pt"
+
+    def __post_init__(self):
+        if self.pad_token_id is None:
+            raise InputError("`pad_token_id` should be an int (the tokenizer's pad or EOS id), got None.")
+        if self.padding_side not in {"left", "right"}:
+            raise InputError(f"`padding_side` should be 'left' or 'right', got {self.padding_side!r}.")
+
+    def __call__(self, features: Sequence[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        encoded = [example for example in map(self._encoded, features) if example is not None]
+        if not encoded:
+            raise InputError("every example of this batch is longer than max_length")
+        if self.padding_free:
+            from .packing import pack_features
+
+            return pack_features(encoded, pad_token_id=self.pad_token_id)
+        return pad_examples(encoded, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
+                            padding_side=self.padding_side)
+
+    def _encoded(self, feature: Mapping[str, Any]) -> dict[str, list[int]] | None:
+        if "input_ids" in feature and "labels" in feature:
+            return {"input_ids": list(feature["input_ids"]), "labels": list(feature["labels"])}
+        if self.encoder is None or self.formatter is None:
+            raise InputError("a feature without 'input_ids' and 'labels' needs the collator's `encoder` and "
+                             f"`formatter` to encode it; got the keys {sorted(feature)}")
+        example = self.encoder.encode(self.formatter(feature))
+        return example.as_dict() if example is not None else None
+
+
+def pad_examples(examples: Sequence[Mapping[str, Sequence[int]]], *, pad_token_id: int,
+                 pad_to_multiple_of: int | None = None, padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Pad encoded examples to one length; mask padding in ``attention_mask`` and ``labels`` by position."""
+    longest = max(len(example["input_ids"]) for example in examples)
+    if pad_to_multiple_of:
+        longest = -(-longest // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(examples)
+    input_ids = torch.full((batch, longest), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        if len(example["labels"]) != length:
+            raise InputError(f"example {row} of the batch has {length} input_ids but {len(example['labels'])} labels")
+        span = slice(0, length) if padding_side == "right" else slice(longest - length, longest)
+        input_ids[row, span] = torch.as_tensor(example["input_ids"], dtype=torch.long)
+        labels[row, span] = torch.as_tensor(example["labels"], dtype=torch.long)
+        attention_mask[row, span] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}

