@@ -211,6 +211,27 @@ def _round(value):
     return round(value, 4) if isinstance(value, float) else value
 
 
+def existing_card_overrides(folder: str | Path) -> dict:
+    """License, language and base model set in an existing README.md header (e.g. by ``card --license``)."""
+    readme = Path(folder) / "README.md"
+    if not readme.is_file():
+        return {}
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard.load(readme, ignore_metadata_errors=True).data
+    except Exception:  # a hand-written README without a valid header: nothing to keep
+        return {}
+    overrides = {}
+    if getattr(data, "license", None):
+        overrides["license"] = data.license
+    if getattr(data, "language", None):
+        overrides["language"] = [data.language] if isinstance(data.language, str) else list(data.language)
+    if is_hub_id(getattr(data, "base_model", None) if isinstance(getattr(data, "base_model", None), str) else None):
+        overrides["base_model"] = data.base_model
+    return overrides
+
+
 def write_card(folder: str | Path, *, repo_id: str | None = None, license: str | None = None,
                language: list[str] | None = None, base_model: str | None = None, merged: bool = False,
                plot: bool = True) -> Path:
@@ -220,6 +241,8 @@ def write_card(folder: str | Path, *, repo_id: str | None = None, license: str |
         raise InputError(f"no {METADATA_FILE_NAME} here, so there is nothing to describe; train with "
                          "'hf-instruct-tune train' first, or point at the adapter folder it wrote", source=str(folder))
     meta = load_metadata(folder)
+    kept = existing_card_overrides(folder)
+    license, language, base_model = license or kept.get("license"), language or kept.get("language"), base_model or kept.get("base_model")
     has_plot = None
     if plot:
         has_plot = plot_loss_curve((meta.results or {}).get("loss_history") or [], folder / PLOT_FILE_NAME) is not None
