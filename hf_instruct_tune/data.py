@@ -48,7 +48,7 @@ class DataSource:
         if not path.exists():
             raise InputError("no such file or directory", source=display)
         if path.is_dir():
-            if not (path / "dataset_info.json").exists() and not (path / "state.json").exists():
+            if not any((path / marker).exists() for marker in ("dataset_info.json", "state.json", "dataset_dict.json")):
                 raise InputError("is a directory but not a dataset saved with `Dataset.save_to_disk`; "
                                  f"pass a file ending in one of {', '.join(SUFFIXES)}", source=display)
         elif path.suffix.lower() not in SUFFIXES:
@@ -228,14 +228,15 @@ def tokenize_source(source: DataSource, formatter: Callable[[Mapping], dict], en
         shutil.rmtree(workdir, ignore_errors=True)
         if "empty" in str(error).lower() or stats["rows"] == 0:
             raise InputError("the dataset is empty: it has no rows", source=source.display) from None
+        if stats["dropped"] == stats["rows"]:  # `datasets` refuses a generator that yields nothing
+            raise _all_overlong(source, stats["rows"], encoder.max_length) from None
         raise
     if stats["rows"] == 0:
         shutil.rmtree(workdir, ignore_errors=True)
         raise InputError("the dataset is empty: it has no rows", source=source.display)
     if len(dataset) == 0:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise InputError(f"every one of its {stats['rows']} rows is longer than --max-length {encoder.max_length}; "
-                         "raise --max-length or use --overlong truncate", source=source.display, field="max_length")
+        raise _all_overlong(source, stats["rows"], encoder.max_length)
     if stats["dropped"]:
         logger.warning("Dropped %d of %d rows longer than max_length=%s (policy: overlong=drop).",
                        stats["dropped"], stats["rows"], encoder.max_length)
@@ -244,3 +245,8 @@ def tokenize_source(source: DataSource, formatter: Callable[[Mapping], dict], en
                        "token (policy: overlong=truncate).", stats["truncated"], stats["rows"], encoder.max_length)
     return TokenizedData(dataset=dataset, rows=stats["rows"], dropped_overlong=stats["dropped"],
                          truncated=stats["truncated"], workdir=workdir)
+
+
+def _all_overlong(source: DataSource, rows: int, max_length: int | None) -> InputError:
+    return InputError(f"every one of its {rows} rows is longer than --max-length {max_length}; "
+                      "raise --max-length or use --overlong truncate", source=source.display, field="max_length")

@@ -1,0 +1,75 @@
+"""Shared helpers for the core tests: cached tiny tokenizers, sample rows, and the label invariants."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from hf_instruct_tune.testing.tiny import build_tiny_tokenizer
+from hf_instruct_tune.tokenization import IGNORE_INDEX
+
+# One sample row per built-in formatter; test_formatters checks this covers every registered one.
+SAMPLE_ROWS: dict[str, dict] = {
+    "alpaca": {"instruction": "Classify the sentiment.", "input": "I like football", "output": "positive"},
+    "sharegpt": {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "hello"},
+                                   {"from": "gpt", "value": "yes"}]},
+    "messages": {"messages": [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"}]},
+    "prompt_completion": {"prompt": "Paris is the capital of", "completion": "France"},
+    "text": {"text": "The quick brown fox jumps over the lazy dog."},
+}
+
+SINGLE_TURN = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "yes"}]
+MULTI_TURN = [
+    {"role": "system", "content": "Answer: yes or no"},
+    {"role": "user", "content": "hello"},
+    {"role": "assistant", "content": "yes"},
+    {"role": "user", "content": "classify the sentiment"},
+    {"role": "assistant", "content": "no maybe"},
+]
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_tokenizer(*, pad_is_eos: bool = True, adds_bos: bool = True):
+    """A tiny byte-level BPE tokenizer, built once per process per option set (tests must not mutate it)."""
+    return build_tiny_tokenizer(pad_is_eos=pad_is_eos, adds_bos=adds_bos)
+
+
+def supervised_runs(labels: Sequence[int]) -> list[list[int]]:
+    """The maximal runs of labels that are not -100, in order."""
+    runs: list[list[int]] = []
+    current: list[int] = []
+    for label in labels:
+        if label == IGNORE_INDEX:
+            if current:
+                runs.append(current)
+            current = []
+        else:
+            current.append(label)
+    if current:
+        runs.append(current)
+    return runs
+
+
+def assert_single_turn_invariants(input_ids: Sequence[int], labels: Sequence[int], *, stop_id: int,
+                                  bos_id: int | None = None, ends_with_stop: bool = True) -> None:
+    """-100 on a prompt prefix only, labels == input_ids after it, the stop token exactly once at the end."""
+    input_ids, labels = list(input_ids), list(labels)
+    assert len(input_ids) == len(labels)
+    prompt_length = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    assert all(label == IGNORE_INDEX for label in labels[:prompt_length])
+    assert labels[prompt_length:] == input_ids[prompt_length:]
+    response = labels[prompt_length:]
+    if ends_with_stop:
+        assert response[-1] == stop_id
+        assert response.count(stop_id) == 1, response
+    else:
+        assert stop_id not in response, response
+    if bos_id is not None:
+        assert bos_id not in input_ids[1:], input_ids
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    return path
