@@ -1,0 +1,57 @@
+"""Merging a LoRA adapter into its base model, saved as safetensors with tokenizer, template and card."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+from ..errors import InputError
+from ..metadata import METADATA_FILE_NAME, TrainingMetadata
+
+logger = logging.getLogger(__name__)
+
+CARRIED_FILES = (METADATA_FILE_NAME, "prompt_template.jinja")
+
+
+def _load_base(name_or_path: str, base_model_id: str | None, dtype: str):
+    try:
+        from ..models import load_base_model, resolve_model
+    except ImportError:  # pragma: no cover - the core loaders are part of the package
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(name_or_path)
+    return load_base_model(resolve_model(name_or_path, base_model_id=base_model_id), dtype=dtype)
+
+
+def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str | None = None, dtype: str = "auto",
+                  card: bool = True, overwrite: bool = False) -> Path:
+    """Merge the adapter in ``adapter_dir`` into its base (``base`` or the recorded Hub id) and save to ``output_dir``."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise InputError("no adapter_config.json here; pass the folder 'hf-instruct-tune train' wrote", source=str(adapter_dir))
+    meta = TrainingMetadata.load(adapter_dir) if (adapter_dir / METADATA_FILE_NAME).is_file() else None
+    base = base or (meta.base_model if meta else None)
+    if not base:
+        raise InputError("the base model was a local checkpoint, so its Hub id is unknown; pass --base PATH_OR_ID",
+                         source=str(adapter_dir))
+    if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
+        raise InputError("already exists and is not empty; choose another --merged folder or pass --overwrite",
+                         source=str(output_dir))
+    model = _load_base(base, meta.base_model if meta else None, dtype)
+    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(output_dir, safe_serialization=True)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    for name in CARRIED_FILES:
+        if (adapter_dir / name).is_file():
+            shutil.copy2(adapter_dir / name, output_dir / name)
+    if card and meta is not None:
+        from .card import existing_card_overrides, write_card
+
+        write_card(output_dir, merged=True, **existing_card_overrides(adapter_dir))
+    logger.info("Merged model written to %s", output_dir)
+    return output_dir
