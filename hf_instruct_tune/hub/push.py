@@ -51,7 +51,8 @@ def _safe(text: str, token: str | None) -> str:
 
 def _first_line(error: BaseException, token: str | None) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    server = getattr(getattr(error, "response", None), "headers", {}).get("X-Error-Message") if hasattr(error, "response") else None
+    response = getattr(error, "response", None)
+    server = response.headers.get("X-Error-Message") if response is not None else None
     return _safe(server or (lines[0] if lines else type(error).__name__), token)
 
 
