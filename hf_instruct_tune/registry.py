@@ -38,6 +38,7 @@ class Registry(Generic[T]):
         self.entry_point_group = entry_point_group
         self._entries: dict[str, T] = {}
         self._plugins_loaded = False
+        self._loading = False
 
     def register(self, name: str, entry: T, *, overwrite: bool = False) -> T:
         if not isinstance(name, str) or not _NAME_PATTERN.match(name):
@@ -70,20 +71,25 @@ class Registry(Generic[T]):
 
     def load_plugins(self) -> None:
         """Import the entry points of ``self.entry_point_group`` once; a broken plugin is an error naming it."""
-        if self._plugins_loaded or os.environ.get(DISABLE_AUTOLOAD_ENV, "").lower() in {"1", "true", "yes"}:
+        if self._plugins_loaded or self._loading or os.environ.get(DISABLE_AUTOLOAD_ENV, "").lower() in {"1", "true", "yes"}:
             return
-        self._plugins_loaded = True
-        for entry_point in entry_points(group=self.entry_point_group):
-            if entry_point.name in self._entries:
-                continue
-            try:
-                loaded = entry_point.load()
-            except Exception as error:  # a plugin's own import error, surfaced with its name
-                raise InputError(
-                    f"The {self.kind} plugin '{entry_point.name}' ({entry_point.value}) failed to load: {error}"
-                ) from error
-            self.register(entry_point.name, self._coerce_plugin(entry_point.name, loaded))
-            logger.debug("Loaded %s plugin '%s' from %s", self.kind, entry_point.name, entry_point.value)
+        self._loading = True  # a plugin that looks names up while it is imported must not recurse
+        try:
+            for entry_point in entry_points(group=self.entry_point_group):
+                if entry_point.name in self._entries:
+                    continue
+                try:
+                    loaded = entry_point.load()
+                except Exception as error:  # a plugin's own import error, surfaced with its name
+                    raise InputError(
+                        f"The {self.kind} plugin '{entry_point.name}' ({entry_point.value}) failed to load: {error}"
+                    ) from error
+                self.register(entry_point.name, self._coerce_plugin(entry_point.name, loaded))
+                logger.debug("Loaded %s plugin '%s' from %s", self.kind, entry_point.name, entry_point.value)
+            # Only once every plugin loaded: after a broken one, the next lookup reports it again.
+            self._plugins_loaded = True
+        finally:
+            self._loading = False
 
     def _coerce_plugin(self, name: str, loaded: object) -> T:
         return loaded  # type: ignore[return-value]
