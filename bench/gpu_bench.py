@@ -1,0 +1,424 @@
+"""GPU benchmark: QLoRA SFT of a Llama-3-8B-architecture model, baselines and hf_instruct_tune side by side.
+
+Every stack trains on the same 512 rows (log-normal lengths, median ~200 tokens, capped at 2048), the same
+sampler order, 16 rows per optimizer step, LoRA r=16 on q,k,v,o,gate,up,down over an NF4 base that was
+saved in bf16 and loaded in 4-bit. Each stack runs in its own process (Unsloth patches on import).
+
+usage (on the GPU machine, see bench/run_gpu_bench.sh):
+  python bench/gpu_bench.py make DIR                     # random-init model + Llama-3-style tokenizer
+  python bench/gpu_bench.py train hf|unsloth DIR          # baselines: TRL SFTTrainer, padded
+  python bench/gpu_bench.py train hit DIR --variants a,b  # hf_instruct_tune variants, one model load
+  python bench/gpu_bench.py check                         # packed varlen == padded on a tiny model (GPU)
+  python bench/gpu_bench.py all DIR OUTDIR                # everything, RESULT lines -> OUTDIR/gpu_bench.json
+  python bench/gpu_bench.py report JSON [BENCHMARKS.md]   # write the '## GPU' section (here, after a run)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+
+ARCH = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8)
+VOCAB = 128256
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STEPS, WARM = 10, 5
+
+# name -> (rows per micro-batch, grad-accum, packed, attention, layers checkpointed, loss)
+VARIANTS = {
+    "fast": (16, 1, True, "torch_varlen", 32, "cce"),
+    "fast_sel": (16, 1, True, "torch_varlen", 24, "cce"),
+    "fast_sdpa": (16, 1, True, "sdpa", 32, "cce"),
+    "fast_plainloss": (16, 1, True, "torch_varlen", 32, "plain"),
+    "lean": (4, 4, True, "torch_varlen", 32, "cce"),
+    "notebook": (4, 4, False, "sdpa", 32, "plain"),
+}
+DEFAULT_VARIANTS = "fast,fast_sel,lean,fast_sdpa,fast_plainloss,notebook"
+
+
+def make(out: str) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    arch = ARCH if not os.environ.get("BENCH_TINY") else dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
+                      bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, **arch)
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model.save_pretrained(out, max_shard_size="5GB")
+    named = {128000: "<|begin_of_text|>", 128001: "<|end_of_text|>", 128004: "<|finetune_right_pad_id|>",
+             128006: "<|start_header_id|>", 128007: "<|end_header_id|>", 128009: "<|eot_id|>"}
+    specials = {i: named.get(i, f"<|reserved_special_token_{i - 128000}|>") for i in range(128000, VOCAB)}
+    vocab = {specials.get(i, f"t{i}"): i for i in range(VOCAB)}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="t0"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<|begin_of_text|>", eos_token="<|end_of_text|>",
+                                   pad_token="<|finetune_right_pad_id|>",
+                                   additional_special_tokens=[v for k, v in sorted(specials.items())
+                                                              if k not in (128000, 128001, 128004)])
+    fast.save_pretrained(out)
+    print(json.dumps({"made": out, "params": sum(p.numel() for p in model.parameters())}))
+
+
+def rows(n: int = 512, seed: int = 0) -> list[dict[str, str]]:
+    """Rows whose token lengths follow a long-tailed, Alpaca-like shape (median ~200)."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = int(min(2048, max(24, rng.lognormvariate(math.log(200), 0.75))))
+        out.append({"text": " ".join(f"t{rng.randrange(1000, 120000)}" for _ in range(length))})
+    return out
+
+
+class _Clock:
+    """Stamps (time, real tokens so far) at each optimizer step's log."""
+
+    def __init__(self):
+        self.stamps: list[tuple[float, int]] = []
+        self.tokens = 0
+        self.losses: list[float] = []
+
+    def callback(self):
+        import torch
+        from transformers import TrainerCallback
+
+        clock = self
+
+        class Clock(TrainerCallback):
+            def on_log(self, args, state, control, logs=None, **kw):
+                if logs and "loss" in logs:
+                    if torch.cuda.is_available():
+                        torch.cuda.synchronize()
+                    clock.stamps.append((time.perf_counter(), clock.tokens))
+                    clock.losses.append(float(logs["loss"]))
+
+        return Clock()
+
+    def result(self, **extra) -> dict:
+        import torch
+
+        cuda = torch.cuda.is_available()
+        (t_a, n_a), (t_b, n_b) = self.stamps[WARM - 1], self.stamps[-1]
+        return dict(extra, steps=len(self.stamps), mean_step_s=(t_b - t_a) / (len(self.stamps) - WARM),
+                    real_tokens_per_s=(n_b - n_a) / (t_b - t_a), timed_tokens=n_b - n_a,
+                    peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
+                    losses=self.losses)
+
+
+def _sft_config(bs: int, ga: int, **kw):
+    import torch
+    from trl import SFTConfig
+
+    if not torch.cuda.is_available():  # CPU smoke test
+        kw.update(bf16=False, use_cpu=True)
+    kw.setdefault("bf16", True)
+
+    return SFTConfig(output_dir="/tmp/sft-out", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                     warmup_steps=5, max_steps=STEPS, learning_rate=2e-4, logging_steps=1,
+                     save_strategy="no", report_to=[], max_length=2048, dataloader_num_workers=0, seed=0, **kw)
+
+
+def train_baseline(stack: str, path: str) -> None:
+    """(a) transformers+peft+bitsandbytes and (b) Unsloth, as the notebook runs them: TRL SFTTrainer, padded."""
+    import torch
+
+    if stack == "unsloth":
+        from unsloth import FastLanguageModel  # before trl/peft/transformers
+
+        model, tok = FastLanguageModel.from_pretrained(path, max_seq_length=2048, dtype=None, load_in_4bit=True)
+        model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16, lora_dropout=0, bias="none",
+                                                 target_modules=TARGETS, use_gradient_checkpointing="unsloth")
+    else:
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+                               bnb_4bit_use_double_quant=True)
+        model = AutoModelForCausalLM.from_pretrained(path, quantization_config=q, dtype=torch.bfloat16,
+                                                     attn_implementation="sdpa")
+        tok = AutoTokenizer.from_pretrained(path)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, bias="none",
+                                                 target_modules=TARGETS, task_type="CAUSAL_LM"))
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    clock = _Clock()
+
+    def count(module, args, kwargs):
+        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        clock.tokens += int(mask.sum()) if mask is not None else int(ids.numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    cfg = _sft_config(4, 4, dataset_text_field="text", gradient_checkpointing=(stack == "hf"))
+    trainer = SFTTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows()), processing_class=tok,
+                         callbacks=[clock.callback()])
+    torch.cuda.reset_peak_memory_stats()
+    trainer.train()
+    print("RESULT " + json.dumps(clock.result(stack=stack, variant="padded")))
+
+
+def _features(tok) -> list[dict[str, list[int]]]:
+    """Tokenize like TRL does for a text dataset (EOS appended, truncated to 2048); every token supervised."""
+    eos = tok.eos_token_id
+    out = []
+    for row in rows():
+        ids = (tok(row["text"], add_special_tokens=False)["input_ids"] + [eos])[:2048]
+        out.append({"input_ids": ids, "labels": list(ids)})
+    return out
+
+
+def _padded_collate(features, pad_id: int):
+    import torch
+
+    width = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), width), pad_id)
+    labels = torch.full((len(features), width), -100)
+    mask = torch.zeros((len(features), width), dtype=torch.long)
+    for i, f in enumerate(features):
+        n = len(f["input_ids"])
+        ids[i, :n], labels[i, :n], mask[i, :n] = torch.tensor(f["input_ids"]), torch.tensor(f["labels"]), 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def _loss_fn(kind: str):
+    """Sum of token cross-entropies from final hidden states [N, h], without [N, V] fp32 logits if possible."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.checkpoint import checkpoint
+
+    def plain(h, w, y):
+        return F.cross_entropy((h @ w.t()).float(), y, ignore_index=-100, reduction="sum")
+
+    if kind == "plain":
+        return plain, "plain"
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        def cce(h, w, y):
+            return linear_cross_entropy(h, w.to(h.dtype), y, ignore_index=-100, reduction="sum")
+
+        return cce, "cce"
+    except Exception as e:  # noqa: BLE001 - report, fall back to chunks
+        print(f"cut_cross_entropy unavailable ({type(e).__name__}: {e}); chunked loss", file=sys.stderr)
+
+    def chunked(h, w, y, chunk=2048):
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], chunk):
+            total = total + checkpoint(plain, h[s:s + chunk], w, y[s:s + chunk], use_reentrant=False)
+        return total
+
+    return chunked, "chunked"
+
+
+def train_hit(path: str, variants: list[str]) -> None:
+    """hf_instruct_tune: backends.load_for_training + add_lora, packed isolated batches, fused loss."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before CUDA starts
+    import gc
+
+    import torch
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    from hf_instruct_tune.backends import add_lora, load_for_training
+    from hf_instruct_tune.packing import pack_features, register_varlen_attention
+
+    register_varlen_attention()
+    cuda = torch.cuda.is_available()  # False only in a CPU smoke test (BENCH_TINY)
+    tok = AutoTokenizer.from_pretrained(path)
+    feats = _features(tok)
+    base, _ = load_for_training(path, backend="transformers", load_in_4bit=cuda, dtype=torch.bfloat16,
+                                attn_implementation="sdpa")
+    for name in variants:
+        bs, ga, packed, attn, n_ckpt, loss_kind = VARIANTS[name]
+        if not cuda and attn == "torch_varlen":
+            attn = "sdpa"
+        trainer = model = None
+        try:
+            base.config._attn_implementation = attn
+            for m in base.modules():
+                if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+                    m.config._attn_implementation = attn
+            model = add_lora(base, backend="transformers", r=16, lora_alpha=16, gradient_checkpointing=n_ckpt > 0)
+            layers = model.get_base_model().model.layers
+            for i, layer in enumerate(layers):  # selective: the first n_ckpt layers recompute, the rest keep
+                layer.gradient_checkpointing = i < n_ckpt
+            loss_fn, loss_used = _loss_fn(loss_kind)
+            clock = _Clock()
+            flash = attn == "torch_varlen"
+            collate = ((lambda f: pack_features(f, tok.pad_token_id, flash_attn_kwargs=flash)) if packed
+                       else (lambda f: _padded_collate(f, tok.pad_token_id)))
+
+            class Trainer(SFTTrainer):
+                def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                    labels = inputs.pop("labels")
+                    mask = inputs.get("attention_mask")
+                    clock.tokens += int(mask.sum()) if mask is not None else labels.numel()
+                    inner = model.get_base_model()
+                    hidden = inner.model(**inputs).last_hidden_state
+                    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                    y = labels[:, 1:].reshape(-1)
+                    n = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
+                    return loss_fn(h, inner.lm_head.weight, y) / n
+
+            cfg = _sft_config(bs, ga, gradient_checkpointing=False, remove_unused_columns=False,
+                              dataset_kwargs={"skip_prepare_dataset": True})
+            trainer = Trainer(model=model, args=cfg, train_dataset=Dataset.from_list(feats), processing_class=tok,
+                              data_collator=collate, callbacks=[clock.callback()])
+            trainer.model_accepts_loss_kwargs = True  # compute_loss divides by num_items_in_batch itself
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+            trainer.train()
+            print("RESULT " + json.dumps(clock.result(stack="hit", variant=name, rows=bs, grad_accum=ga,
+                                                      packed=packed, attn=attn, ckpt_layers=n_ckpt,
+                                                      loss=loss_used)), flush=True)
+        except Exception as e:  # noqa: BLE001 - one variant failing should not hide the others
+            import traceback
+
+            traceback.print_exc()
+            print("RESULT " + json.dumps(dict(stack="hit", variant=name, error=f"{type(e).__name__}: {e}"[:300])),
+                  flush=True)
+        finally:
+            trainer = model = None
+            base = _strip_lora(base)
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+def _strip_lora(base):
+    """Remove the adapters so that the next variant starts from the same 4-bit base."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(base.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, LoraLayer):
+                setattr(module, child_name, child.get_base_layer())
+    for p in base.parameters():
+        p.requires_grad_(False)
+    if hasattr(base, "peft_config"):
+        del base.peft_config
+    return base
+
+
+def check() -> None:
+    """On the GPU: a packed batch through torch_varlen gives the padded sdpa loss and gradients (bf16)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_instruct_tune.packing import pack_features, register_varlen_attention
+
+    register_varlen_attention()
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for _ in range(6):
+        ids = torch.randint(3, 1000, (int(torch.randint(20, 300, (1,), generator=g)),), generator=g).tolist() + [2]
+        feats.append({"input_ids": ids, "labels": [-100] * 10 + ids[10:]})
+    out = {}
+    for attn in ("sdpa", "torch_varlen"):
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                          num_attention_heads=8, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+        cfg._attn_implementation = "sdpa" if attn == "sdpa" else attn
+        model = LlamaForCausalLM(cfg).cuda().to(torch.bfloat16).train()
+        for mode in ("padded", "packed"):
+            batch = _padded_collate(feats, 0) if mode == "padded" else pack_features(feats, 0,
+                                                                                      flash_attn_kwargs=True)
+            batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
+            model.zero_grad()
+            loss = model(**batch).loss
+            loss.backward()
+            grad = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+            out[(attn, mode)] = (loss.float().item(), grad)
+    ref_loss, ref_grad = out[("sdpa", "padded")]
+    for key, (loss, grad) in out.items():
+        rel = ((grad - ref_grad).norm() / ref_grad.norm()).item()
+        print(f"CHECK {key[0]:13s} {key[1]:7s} loss={loss:.5f} (padded sdpa {ref_loss:.5f}) grad rel diff={rel:.2e}")
+
+
+def run_all(path: str, outdir: str, stacks: list[str], variants: str) -> None:
+    os.makedirs(outdir, exist_ok=True)
+    results = []
+    here = os.path.abspath(__file__)
+    if not os.path.exists(os.path.join(path, "config.json")):
+        subprocess.run([sys.executable, here, "make", path], check=True)
+    for stack in stacks:
+        cmd = [sys.executable, here, "train", stack, path] + (["--variants", variants] if stack == "hit" else [])
+        t0 = time.time()
+        log = os.path.join(outdir, f"log_{stack}.txt")
+        with open(log, "w") as fh:
+            try:
+                subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=int(os.environ.get("STACK_TIMEOUT", 400)))
+            except subprocess.TimeoutExpired:
+                results.append(dict(stack=stack, error="timeout"))
+        for line in open(log):
+            if line.startswith("RESULT "):
+                results.append(json.loads(line[7:]))
+                print(line.strip(), flush=True)
+        print(f"== {stack} done in {time.time() - t0:.0f}s", flush=True)
+        with open(os.path.join(outdir, "gpu_bench.json"), "w") as fh:
+            json.dump(results, fh, indent=1)
+    print(table(results))
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| stack | setting | real tok/s | step s | peak alloc GiB | peak reserved GiB | loss @ step 10 |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['stack']} | {r.get('variant', '')} | failed: {r['error'][:80]} | | | | |")
+            continue
+        setting = r["variant"]
+        if r["stack"] == "hit":
+            setting = (f"{r['variant']}: {'packed' if r['packed'] else 'padded'}, {r['rows']} rows x ga {r['grad_accum']},"
+                       f" {r['attn']}, ckpt {r['ckpt_layers']}/32, loss {r['loss']}")
+        lines.append(f"| {r['stack']} | {setting} | {r['real_tokens_per_s']:,.0f} | {r['mean_step_s']:.2f} | "
+                     f"{r['peak_alloc_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['losses'][-1]:.3f} |")
+    return "\n".join(lines)
+
+
+def report(json_path: str, md_path: str = "BENCHMARKS.md") -> None:
+    """Replace (or add) the '## GPU' section of BENCHMARKS.md with the table from a run's JSON."""
+    results = json.load(open(json_path))
+    intro = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_bench_notes.md")).read().strip()
+    section = f"## GPU\n\n{intro}\n\n{table(results)}\n"
+    text = open(md_path).read() if os.path.exists(md_path) else "# Benchmarks\n"
+    start = text.find("\n## GPU\n")
+    if start < 0:
+        text = text.rstrip("\n") + "\n\n" + section
+    else:
+        end = text.find("\n## ", start + 1)
+        text = text[:start + 1] + section + (text[end:] if end >= 0 else "")
+    open(md_path, "w").write(text)
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "make":
+        make(sys.argv[2])
+    elif cmd == "train" and sys.argv[2] == "hit":
+        v = sys.argv[sys.argv.index("--variants") + 1] if "--variants" in sys.argv else DEFAULT_VARIANTS
+        train_hit(sys.argv[3], v.split(","))
+    elif cmd == "train":
+        train_baseline(sys.argv[2], sys.argv[3])
+    elif cmd == "check":
+        check()
+    elif cmd == "all":
+        train_stacks = os.environ.get("STACKS", "hit,unsloth,hf").split(",")
+        run_all(sys.argv[2], sys.argv[3], train_stacks, os.environ.get("VARIANTS", DEFAULT_VARIANTS))
+    elif cmd == "report":
+        report(*sys.argv[2:])
+    else:
+        sys.exit(__doc__)
