@@ -107,9 +107,19 @@ def load_base_model(spec: ModelSpec, *, dtype: str = "auto", attn_implementation
         model = AutoModelForCausalLM.from_pretrained(spec.load_path, **kwargs)
     except OSError as error:
         raise InputError(f"cannot load the model: {_first_line(error)}", source=spec.load_path) from None
+    if spec.gguf_file:
+        _forget_gguf_quantization(model)
     if spec.base_model_id:
         model.config._name_or_path = spec.base_model_id
     return model
+
+
+def _forget_gguf_quantization(model) -> None:
+    """GGUF weights are dequantized on load: mark the model as the plain float model it is, so it can train."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _announce_remote_code(trust_remote_code: bool) -> None:

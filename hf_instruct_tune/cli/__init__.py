@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return its exit code: 0 ok, 2 bad input or usage, 1 an unexpected failure."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = argv
     if args.command is None:
         parser.print_help()
         return 2

@@ -1,0 +1,75 @@
+"""Checkpoint discovery, Ctrl-C handling and the atomic replacement of a finished adapter folder."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from .errors import InstructTuneError
+
+CHECKPOINTS_DIR = "checkpoints"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (one with its trainer state)."""
+    folder = Path(output_dir) / CHECKPOINTS_DIR
+    if not folder.is_dir():
+        return None
+    complete = [(int(match.group(1)), path) for path in folder.iterdir()
+                if (match := _CHECKPOINT.match(path.name)) and (path / "trainer_state.json").is_file()]
+    return max(complete)[1] if complete else None
+
+
+class SaveOnInterrupt(TrainerCallback):
+    """On Ctrl-C (SIGINT) or SIGTERM, finish the current step, save a checkpoint and stop cleanly."""
+
+    def __init__(self):
+        self.interrupted = False
+        self._previous = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.interrupted:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+    def _handle(self, signum, frame):
+        if self.interrupted:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self.interrupted = True
+
+
+class DiskFullError(InstructTuneError):
+    exit_code = 1
+
+
+def replace_directory(staged: Path, target: Path) -> None:
+    """Move ``staged`` to ``target`` by renames, so ``target`` is never a half-written folder.
+
+    An existing ``target`` is renamed aside first and removed only once ``staged`` is in its place.
+    """
+    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        os.rename(target, aside)
+    try:
+        os.rename(staged, target)
+    except BaseException:
+        if aside.exists() and not target.exists():
+            os.rename(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)

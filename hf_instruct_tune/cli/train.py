@@ -1,0 +1,61 @@
+"""``hf-instruct-tune train``: fine-tune a LoRA adapter on instruction data."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from ..config import TrainConfig, field_type
+
+EXAMPLES = """examples:
+  hf-instruct-tune train --data examples/dataset.json --template alpaca-zh --output-dir outputs/sentiment
+  hf-instruct-tune train config.yaml --max-steps 100
+  hf-instruct-tune train --model meta-llama/Meta-Llama-3-8B --data data.jsonl --load-in-4bit --packing \\
+      --push-to you/llama3-sentiment-lora
+"""
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train", help="Fine-tune a LoRA adapter.", epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a LoRA adapter with EOS-safe labels. Options can also come from a YAML file; "
+                    "flags override it.")
+    parser.add_argument("config", nargs="?", help="A YAML file of options (keys as below, with underscores).")
+    for item in dataclasses.fields(TrainConfig):
+        flag = "--" + item.name.replace("_", "-")
+        kind = field_type(item)
+        help_text = item.metadata.get("help", "")
+        default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
+        if default not in (None, False, "") and kind is not bool:
+            help_text += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        if kind is bool:
+            parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
+        else:
+            parser.add_argument(flag, dest=item.name, default=argparse.SUPPRESS, metavar=item.name.upper(),
+                                help=help_text, **({"type": str} if kind in (list, str) else {}))
+    parser.set_defaults(func=run)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..config import build_config
+
+    names = {item.name for item in dataclasses.fields(TrainConfig)}
+    overrides = {name: value for name, value in vars(args).items() if name in names}
+    config = build_config(args.config, overrides)
+    if config.num_processes and config.num_processes > 1:
+        from ..launch import relaunch_with_accelerate
+
+        return relaunch_with_accelerate(sys.argv[1:] if args.argv is None else args.argv, config.num_processes)
+
+    from ..backends import import_backend_early
+
+    import_backend_early(config.backend)  # Unsloth must patch transformers before anything imports it
+    from ..training import run_training
+
+    result = run_training(config)
+    loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
+    print(f"Trained {result.global_step} steps{loss}. Adapter saved to {result.output_dir}", file=sys.stderr)
+    return 0

@@ -1,0 +1,192 @@
+"""``TrainConfig``: every ``train`` option, with its help, accepted from YAML and from flags alike."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import InputError, did_you_mean
+from .models import DEFAULT_MODEL
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_SECRET_KEYS = {"token", "hf_token", "hub_token", "api_key", "password"}
+
+
+def _help(text: str, **extra: Any) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``hf-instruct-tune train``. Each field is a ``--flag`` (dashes for underscores) and a YAML key."""
+
+    data: str | None = field(default=None, metadata=_help(
+        "Training data: .json, .jsonl, .csv, .parquet, or a folder saved with `Dataset.save_to_disk`."))
+    model: str = field(default=DEFAULT_MODEL, metadata=_help(
+        "Base model: a Hub id, a local folder or .gguf file. The default runs offline from the embedded GGUF."))
+    output_dir: str = field(default="outputs/adapter", metadata=_help(
+        "Where the adapter, tokenizer, metadata and template are written."))
+    formatter: str | None = field(default=None, metadata=_help("Row format; detected from the columns when omitted."))
+    template: str | None = field(default=None, metadata=_help("Prompt template name or path to a .jinja file."))
+    base_model_id: str | None = field(default=None, metadata=_help(
+        "Hub id of the base model, for the model card, when --model is a local path."))
+    dataset_name: str | None = field(default=None, metadata=_help("Dataset name for the model card."))
+    eval_data: str | None = field(default=None, metadata=_help("Optional evaluation data, same formats as --data."))
+    max_steps: int = field(default=-1, metadata=_help("Optimizer steps; -1 trains for --epochs instead."))
+    epochs: float = field(default=3.0, metadata=_help("Passes over the data when --max-steps is -1."))
+    lr: float = field(default=2e-4, metadata=_help("Peak learning rate."))
+    warmup_steps: int = field(default=5, metadata=_help("Linear warm-up steps."))
+    lr_scheduler: str = field(default="linear", metadata=_help("Learning-rate schedule (transformers' names)."))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay."))
+    batch_size: int = field(default=4, metadata=_help("Examples per device per micro-batch."))
+    grad_accum: int = field(default=4, metadata=_help("Micro-batches per optimizer step."))
+    lora_r: int = field(default=16, metadata=_help("LoRA rank."))
+    lora_alpha: int = field(default=16, metadata=_help("LoRA alpha (scale = alpha / r)."))
+    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
+    target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata=_help(
+        "Modules that get LoRA adapters."))
+    max_length: int = field(default=1024, metadata=_help("Longest example in tokens (prompt + response + stop)."))
+    overlong: str = field(default="drop", metadata=_help(
+        "Examples longer than --max-length: 'drop' them (counted in the log) or 'truncate' their responses.",
+        choices=("drop", "truncate")))
+    train_on_prompt: bool = field(default=False, metadata=_help("Also compute the loss on prompt tokens."))
+    packing: bool = field(default=False, metadata=_help(
+        "Pack several examples per row, each attending only to itself (padding-free)."))
+    seed: int = field(default=3407, metadata=_help("Random seed."))
+    logging_steps: int = field(default=1, metadata=_help("Log the loss every N steps."))
+    save_steps: int | None = field(default=None, metadata=_help("Write a checkpoint every N steps."))
+    save_total_limit: int | None = field(default=2, metadata=_help("Checkpoints to keep."))
+    resume: bool = field(default=False, metadata=_help("Continue from the last checkpoint in --output-dir."))
+    overwrite: bool = field(default=False, metadata=_help("Replace an adapter already in --output-dir."))
+    backend: str = field(default="auto", metadata=_help(
+        "auto, transformers or unsloth (auto picks unsloth when installed and a CUDA GPU is present).",
+        choices=("auto", "transformers", "unsloth")))
+    load_in_4bit: bool = field(default=False, metadata=_help("Load the frozen base in 4-bit NF4 (bitsandbytes)."))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for activation memory."))
+    dtype: str = field(default="auto", metadata=_help("Weights dtype: auto, float32, bfloat16 or float16."))
+    optim: str = field(default="adamw_torch", metadata=_help("Optimizer (transformers' names)."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Run Python code from the model repository."))
+    allow_pickle: bool = field(default=False, metadata=_help("Allow loading pickle (*.bin) weights."))
+    language: list[str] | None = field(default=None, metadata=_help("Language code(s) for the model card."))
+    license: str | None = field(default=None, metadata=_help("License of the adapter, for the model card."))
+    push_to: str | None = field(default=None, metadata=_help(
+        "Hub repo to publish to after training; write access is checked before training starts."))
+    private: bool = field(default=False, metadata=_help("Create the --push-to repo as private."))
+    endpoint: str | None = field(default=None, metadata=_help("Hub endpoint (default: HF_ENDPOINT or huggingface.co)."))
+    num_processes: int | None = field(default=None, metadata=_help(
+        "Re-launch this command through `accelerate launch` with N processes."))
+
+    def __post_init__(self):
+        for item in dataclasses.fields(self):
+            setattr(self, item.name, _coerce(item, getattr(self, item.name)))
+        positive = ("batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length", "logging_steps")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise InputError(f"`{name}` should be at least 1, got {getattr(self, name)}.", field=name)
+        if self.save_steps is not None and self.save_steps < 1:
+            raise InputError(f"`save_steps` should be at least 1, got {self.save_steps}.", field="save_steps")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise InputError(f"`max_steps` should be -1 or a positive number, got {self.max_steps}.", field="max_steps")
+        if self.lr <= 0:
+            raise InputError(f"`lr` should be positive, got {self.lr}.", field="lr")
+        if not 0 <= self.lora_dropout < 1:
+            raise InputError(f"`lora_dropout` should be in [0, 1), got {self.lora_dropout}.", field="lora_dropout")
+
+
+def _coerce(item: dataclasses.Field, value: Any) -> Any:
+    """Check ``value`` against the field's type, converting strings from the command line."""
+    if value is None:
+        return None
+    kind = _base_type(item.type)
+    choices = item.metadata.get("choices")
+    try:
+        if kind is bool:
+            if isinstance(value, str) and value.lower() in {"true", "false", "1", "0", "yes", "no"}:
+                value = value.lower() in {"true", "1", "yes"}
+            if not isinstance(value, bool):
+                raise TypeError
+        elif kind is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise TypeError
+            value = int(value)
+        elif kind is float:
+            if isinstance(value, bool):
+                raise TypeError
+            value = float(value)
+        elif kind is list:
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, list) or not all(isinstance(part, str) for part in value):
+                raise TypeError
+        elif kind is str and not isinstance(value, str):
+            raise TypeError
+    except (TypeError, ValueError):
+        expected = {bool: "true or false", int: "an integer", float: "a number", list: "a list of names",
+                    str: "text"}[kind]
+        raise InputError(f"`{item.name}` should be {expected}, got {value!r}.", field=item.name) from None
+    if choices and value not in choices:
+        raise InputError(f"`{item.name}` should be one of {', '.join(choices)}, got {value!r}."
+                         f"{did_you_mean(str(value), choices)}", field=item.name)
+    return value
+
+
+def _base_type(annotation: Any) -> type:
+    annotation = eval(annotation, {**typing.__dict__, "list": list}) if isinstance(annotation, str) else annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        annotation = next(arg for arg in typing.get_args(annotation) if arg is not type(None))
+    return typing.get_origin(annotation) or annotation
+
+
+def field_type(item: dataclasses.Field) -> type:
+    """The plain type of a config field (``bool``, ``int``, ``float``, ``str`` or ``list``)."""
+    return _base_type(item.type)
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config into field values; unknown keys, secrets and wrong types are errors naming the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("config file not found", source=str(path))
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        location = f"line {mark.line + 1}" if mark else None
+        raise InputError(f"malformed YAML: {getattr(error, 'problem', error)}", source=str(path),
+                         location=location) from None
+    except UnicodeDecodeError:
+        raise InputError("is not UTF-8 text", source=str(path)) from None
+    if not isinstance(values, dict):
+        raise InputError(f"expected a mapping of option names to values, got {type(values).__name__}",
+                         source=str(path))
+    known = {item.name for item in dataclasses.fields(TrainConfig)}
+    normalized = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name.lower() in _SECRET_KEYS:
+            raise InputError("configs must not hold secrets; set HF_TOKEN or run `hf auth login` instead",
+                             source=str(path), field=str(key))
+        if name not in known:
+            raise InputError(f"unknown option.{did_you_mean(name, known)}", source=str(path), field=str(key))
+        normalized[name] = value
+    return normalized
+
+
+def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Merge a YAML file and command-line overrides (flags win) into a checked :class:`TrainConfig`."""
+    values = load_yaml_config(yaml_path) if yaml_path else {}
+    values.update(overrides)
+    source = yaml_path
+    try:
+        return TrainConfig(**values)
+    except InputError as error:
+        if source and error.field in values and error.field not in overrides:
+            error.source = source
+            error.args = (error._format(),)
+        raise

@@ -1,0 +1,184 @@
+"""The ``train`` workflow: check everything, train, save the adapter atomically, optionally publish."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoints import CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint, replace_directory
+from .config import TrainConfig
+from .data import DataSource
+from .errors import InputError, InstructTuneError
+from .formatters import get_formatter
+from .models import load_base_model, load_tokenizer, resolve_model
+from .templating import get_template
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(InstructTuneError):
+    """Training stopped on Ctrl-C after saving a checkpoint."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    global_step: int
+    final_loss: float | None
+
+
+def run_training(config: TrainConfig) -> TrainResult:
+    """Train a LoRA adapter as ``config`` says and save it to ``config.output_dir``.
+
+    Every input is checked before anything is written. The finished adapter is written to a hidden
+    sibling folder and renamed into place, so a crash never leaves a half-written adapter where a good
+    one was. With ``push_to``, write access is checked before training and the push happens last; a
+    failed push leaves the saved adapter and says how to retry.
+    """
+    from .backends import resolve_backend
+
+    if not config.data:
+        raise InputError("no training data; pass --data PATH (or `data:` in the config)", field="data")
+    output_dir = Path(config.output_dir)
+    source = DataSource.open(config.data, name=config.dataset_name)
+    if config.formatter:
+        get_formatter(config.formatter)
+    template = get_template(config.template) if config.template else None
+    if (output_dir / "adapter_config.json").exists() and not (config.overwrite or config.resume):
+        raise InputError("already holds an adapter; pass --overwrite to replace it, --resume to continue its "
+                         "checkpoints, or choose another --output-dir", source=str(output_dir), field="output_dir")
+    checkpoint = last_checkpoint(output_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        raise InputError(f"no checkpoint to resume from in {output_dir / CHECKPOINTS_DIR}", source=str(output_dir),
+                         field="resume")
+    backend = resolve_backend(config.backend)
+    spec = resolve_model(config.model, base_model_id=config.base_model_id)
+    if config.push_to:
+        from .hub.push import check_write_access
+
+        check_write_access(config.push_to, endpoint=config.endpoint)
+
+    tokenizer = load_tokenizer(spec, trust_remote_code=config.trust_remote_code)
+    model, peft_config = _load_model(config, spec, backend)
+    trainer = _build_trainer(config, model, tokenizer, peft_config, source, template, spec, backend)
+
+    interrupt = SaveOnInterrupt()
+    trainer.add_callback(interrupt)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if interrupt.interrupted:
+        saved = last_checkpoint(output_dir)
+        raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {saved}. "
+                                  "Run the same command with --resume to continue.")
+    _save_final(trainer, output_dir)
+    result = TrainResult(output_dir, trainer.state.global_step, trainer.run_metadata.results.get("final_loss"))
+    if config.push_to and trainer.is_world_process_zero():
+        _push_after_training(config, output_dir)
+    return result
+
+
+def _load_model(config: TrainConfig, spec, backend: str):
+    """The model to train and, for the plain transformers path, the LoRA config for the trainer to apply."""
+    if backend == "unsloth" or config.load_in_4bit:
+        from .backends import add_lora, load_for_training
+
+        model, _ = load_for_training(spec.load_path, backend=backend, load_in_4bit=config.load_in_4bit,
+                                     gguf_file=spec.gguf_file, trust_remote_code=config.trust_remote_code,
+                                     max_seq_length=config.max_length)
+        if spec.base_model_id:
+            model.config._name_or_path = spec.base_model_id
+        model = add_lora(model, backend=backend, r=config.lora_r, lora_alpha=config.lora_alpha,
+                         lora_dropout=config.lora_dropout, target_modules=config.target_modules,
+                         gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
+        return model, None
+    from peft import LoraConfig
+
+    model = load_base_model(spec, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
+                            allow_pickle=config.allow_pickle)
+    peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                             target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
+    return model, peft_config
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: DataSource, template, spec, backend):
+    import torch
+    from trl import SFTConfig
+
+    from .trainer import InstructTrainer
+
+    cuda = torch.cuda.is_available()
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    args = SFTConfig(
+        output_dir=str(Path(config.output_dir) / CHECKPOINTS_DIR),
+        max_steps=config.max_steps, num_train_epochs=config.epochs, learning_rate=config.lr,
+        warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
+        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+        max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+        save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
+        gradient_checkpointing=config.gradient_checkpointing and peft_config is not None,
+        optim=config.optim, packing=config.packing, per_device_eval_batch_size=config.batch_size,
+        eval_strategy="epoch" if config.eval_data else "no", dataloader_num_workers=0,
+        disable_tqdm=False, save_only_model=False,
+    )
+    trainer = InstructTrainer(
+        model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,
+        processing_class=tokenizer, peft_config=peft_config, template=template, formatter=config.formatter,
+        train_on_prompt=config.train_on_prompt, overlong=config.overlong, base_model_id=spec.base_model_id,
+        dataset_name=source.name, language=config.language, license=config.license,
+    )
+    trainer.run_metadata.base_model_source = spec.source
+    trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit})
+    return trainer
+
+
+def _save_final(trainer, output_dir: Path) -> None:
+    """Save the adapter into a staged sibling and rename it into place (rank 0 renames; all ranks save)."""
+    staged = output_dir.with_name(f".{output_dir.name}.staged")
+    if trainer.is_world_process_zero() and staged.exists():
+        shutil.rmtree(staged)
+    trainer.accelerator.wait_for_everyone()
+    try:
+        trainer.save_model(str(staged))
+    except OSError as error:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staged, ignore_errors=True)
+        if error.errno == errno.ENOSPC:
+            kept = last_checkpoint(output_dir)
+            where = f"; the last checkpoint, {kept}, is intact" if kept else ""
+            raise DiskFullError(f"disk full while saving the adapter{where}. Free space and run with --resume.") from None
+        raise
+    if not trainer.is_world_process_zero():
+        return
+    (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; checkpoints keep their own copy
+    _write_card(staged)
+    checkpoints = output_dir / CHECKPOINTS_DIR
+    if checkpoints.is_dir():
+        checkpoints.rename(staged / CHECKPOINTS_DIR)
+    replace_directory(staged, output_dir)
+    logger.info("Saved the adapter to %s", output_dir)
+
+
+def _write_card(folder: Path) -> None:
+    """Replace the generic README that saving writes with this adapter's model card."""
+    try:
+        from .hub.card import write_card
+    except ImportError:
+        (folder / "README.md").unlink(missing_ok=True)
+        return
+    write_card(folder)
+
+
+def _push_after_training(config: TrainConfig, output_dir: Path) -> None:
+    from .errors import PublishError
+    from .hub.push import push_adapter
+
+    try:
+        push_adapter(output_dir, config.push_to, endpoint=config.endpoint, private=config.private)
+    except PublishError as error:
+        raise PublishError(f"{error} The adapter is saved in {output_dir}; retry with: "
+                           f"hf-instruct-tune upload {config.push_to} {output_dir}") from None
