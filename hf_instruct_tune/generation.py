@@ -1,0 +1,129 @@
+"""Generating with a trained adapter, from the exact prompt template it was trained with."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import InputError
+from .formatters import FieldError, get_formatter
+from .metadata import TrainingMetadata
+from .templating import TEMPLATE_FILE_NAME, PromptTemplate
+from .tokenization import ExampleEncoder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "eos": the stop token was generated; "length": max_new_tokens ran out
+
+
+class AdapterGenerator:
+    """Load a base model with an adapter folder written by ``train`` and generate responses.
+
+    The prompt is rebuilt from ``prompt_template.jinja`` saved with the adapter, tokenized exactly as in
+    training, and generation stops on the template's stop token.
+
+    Args:
+        adapter_dir: the folder ``hf-instruct-tune train`` wrote (or a downloaded copy of it).
+        model: the base model (Hub id or path); default: the one recorded in the adapter's metadata.
+        trust_remote_code: allow code from the base model's repository to run.
+    """
+
+    def __init__(self, adapter_dir: str | Path, *, model: str | None = None, trust_remote_code: bool = False):
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        from .models import load_base_model, resolve_model
+
+        adapter_dir = Path(adapter_dir)
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise InputError("no adapter_config.json here; pass the folder 'hf-instruct-tune train' wrote",
+                             source=str(adapter_dir))
+        self.metadata = TrainingMetadata.load(adapter_dir)
+        template_file = adapter_dir / TEMPLATE_FILE_NAME
+        template = PromptTemplate.from_file(template_file)
+        self.template = PromptTemplate.from_source(template.source, name=self.metadata.template.get("name", "saved"),
+                                                   origin=str(template_file))
+        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.encoder = ExampleEncoder(self.tokenizer, self.template)
+        base = model or self.metadata.base_model or _adapter_base(adapter_dir)
+        if not base:
+            raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
+        base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code)
+        self.model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+        self._use_unsloth_inference()
+
+    def _use_unsloth_inference(self) -> None:
+        import importlib.util
+
+        import torch
+
+        if (self.metadata.training.get("backend") == "unsloth" and torch.cuda.is_available()
+                and importlib.util.find_spec("unsloth")):
+            from unsloth import FastLanguageModel
+
+            FastLanguageModel.for_inference(self.model)
+
+    def generate(self, conversations: Sequence[Sequence[Mapping]], *, max_new_tokens: int = 256,
+                 batch_size: int = 8) -> list[Generation]:
+        """Generate one response per conversation (the messages before the assistant's answer)."""
+        import torch
+
+        results: list[Generation] = []
+        prompts = [self.encoder.encode_prompt(messages) for messages in conversations]
+        stop_id = self.encoder.stop_token_id
+        device = self.model.device
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            width = max(map(len, chunk))
+            pad = self.tokenizer.pad_token_id
+            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
+            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+            with torch.no_grad():
+                output = self.model.generate(input_ids=input_ids, attention_mask=attention,
+                                             max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id,
+                                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+            for row in output[:, width:].tolist():
+                if stop_id in row:
+                    results.append(Generation(self._decode(row[: row.index(stop_id)]), "eos"))
+                else:
+                    results.append(Generation(self._decode(row), "length"))
+        return results
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _adapter_base(adapter_dir: Path) -> str | None:
+    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    return config.get("base_model_name_or_path")
+
+
+def prompt_messages(row: Mapping[str, Any], formatter_name: str) -> list[dict]:
+    """The conversation to answer for a data row: the row without its final response, if it has one."""
+    if formatter_name == "alpaca":
+        row = {**row, "output": row.get("output") or "-"}
+    elif formatter_name == "prompt_completion":
+        row = {**row, "completion": row.get("completion") or "-"}
+    elif formatter_name in {"messages", "sharegpt"}:
+        key = "messages" if formatter_name == "messages" else "conversations"
+        turns = list(row.get(key) or [])
+        role_key, assistant = ("role", {"assistant"}) if key == "messages" else ("from", {"gpt", "assistant", "model"})
+        while turns and isinstance(turns[-1], Mapping) and turns[-1].get(role_key) in assistant:
+            turns.pop()
+        placeholder = {"role": "assistant", "content": "-"} if key == "messages" else {"from": "gpt", "value": "-"}
+        row = {**row, key: turns + [placeholder]}
+    normalized = get_formatter(formatter_name)(row)
+    if "messages" not in normalized:
+        raise FieldError("text", f"the '{formatter_name}' formatter gives no prompt to answer")
+    messages = normalized["messages"]
+    return messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]

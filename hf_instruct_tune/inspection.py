@@ -1,0 +1,72 @@
+"""What ``inspect`` checks: the encoded examples, before anyone spends GPU hours on them."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .tokenization import IGNORE_INDEX, ExampleEncoder
+
+
+@dataclass
+class ExampleReport:
+    location: str
+    input_ids: list[int]
+    labels: list[int]
+    checks: dict[str, bool] = field(default_factory=dict)
+    dropped: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return all(self.checks.values())
+
+
+def inspect_example(encoder: ExampleEncoder, example: Mapping, location: str) -> ExampleReport:
+    """Encode ``example`` and check the labels rules on the result."""
+    encoded = encoder.encode(example)
+    if encoded is None:
+        return ExampleReport(location, [], [], {"fits_max_length": False}, dropped=True)
+    ids, labels = encoded.input_ids, encoded.labels
+    stop, bos = encoder.stop_token_id, encoder.bos_token_id
+    turns = sum(m["role"] == "assistant" for m in example["messages"]) if "messages" in example else 1
+    trained = [label for label in labels if label != IGNORE_INDEX]
+    checks = {
+        "stop_token_once_per_response": trained.count(stop) == turns or encoded.truncated,
+        "ends_with_stop_token": (bool(trained) and labels[-1] == stop) != encoded.truncated,
+        "single_bos": bos is None or (ids.count(bos) <= 1 and (bos not in ids or ids[0] == bos)),
+        "labels_match_input_ids": all(label in (IGNORE_INDEX, token) for label, token in zip(labels, ids)),
+    }
+    if "messages" in example:
+        last = max(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
+        prompt_ids = encoder.encode_prompt(example["messages"][:last])
+        checks["prompt_matches_inference"] = ids[: len(prompt_ids)] == prompt_ids
+    return ExampleReport(location, ids, labels, checks)
+
+
+def render_tokens(tokenizer, report: ExampleReport) -> str:
+    """The example's text with trained spans marked ``⟦…⟧`` and special tokens shown."""
+    pieces, run, trained_run = [], [], None
+    for token, label in zip(report.input_ids, report.labels):
+        trained = label != IGNORE_INDEX
+        if trained_run is not None and trained != trained_run:
+            pieces.append(_span(tokenizer, run, trained_run))
+            run = []
+        run.append(token)
+        trained_run = trained
+    if run:
+        pieces.append(_span(tokenizer, run, trained_run))
+    return "".join(pieces)
+
+
+def _span(tokenizer, ids: list[int], trained: bool) -> str:
+    text = tokenizer.decode(ids, skip_special_tokens=False)
+    return f"⟦{text}⟧" if trained else text
+
+
+def length_stats(lengths: list[int]) -> dict[str, float]:
+    if not lengths:
+        return {}
+    ordered = sorted(lengths)
+    return {"count": len(ordered), "min": ordered[0], "median": ordered[len(ordered) // 2],
+            "p95": ordered[min(len(ordered) - 1, int(len(ordered) * 0.95))], "max": ordered[-1],
+            "total_tokens": sum(ordered)}
