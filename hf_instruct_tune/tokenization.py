@@ -9,13 +9,15 @@ The rules, each proven by a test in ``tests/test_tokenization.py``:
 * at most one BOS token, at position 0;
 * the prompt is tokenized on its own, so its ids are exactly those :meth:`ExampleEncoder.encode_prompt`
   gives at inference: no token can merge across the prompt/response boundary;
-* a stop token written *inside* a response is tokenized as plain text, so it cannot end a response early;
+* special tokens written in user text (instruction, input, system, response) are tokenized as plain text,
+  so a response cannot end early and a prompt cannot gain a second BOS or a stray EOS;
 * an example longer than ``max_length`` is dropped (``overlong="drop"``, the default) or its response is
   cut (``overlong="truncate"``), and then it does not end in the stop token, because it did not end.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -104,12 +106,17 @@ class ExampleEncoder:
 
     def render_prompt(self, messages: Sequence[Mapping]) -> str:
         """The prompt text for the next assistant turn (what the model card shows as an example)."""
-        return self._render(list(messages))
+        return "".join(text for text, _, _ in self._conversation_segments(list(messages), for_inference=True))
 
     # -- internals ---------------------------------------------------------------------------------
 
     def _conversation_segments(self, messages: list[Mapping], *, for_inference: bool) -> list[tuple[str, bool, bool]]:
-        """Split a conversation into (text, trained, split_special) pieces: prompt deltas and responses."""
+        """Split a conversation into (text, trained, split_special) pieces, in order.
+
+        The template is rendered with placeholders for the user's texts; the rendered template text is
+        tokenized with its special tokens, the user's texts as plain text (so ``<|im_end|>`` typed in an
+        instruction or a response stays text), and each response is its own piece.
+        """
         messages = [dict(m) for m in messages]
         assistant_turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
         for i in assistant_turns:
@@ -119,22 +126,25 @@ class ExampleEncoder:
             if len(assistant_turns) > (0 if for_inference else 1) or user_turns > 1:
                 raise ExampleError(f"has several turns, but the template '{self.template.name}' is single-turn; "
                                    "use a chat template such as 'chatml' or 'llama-3'", field="messages")
+        placeheld, texts = _with_placeholders(messages)
         ends = assistant_turns + ([len(messages)] if for_inference else [])
         segments: list[tuple[str, bool, bool]] = []
         consumed = ""
         for end in ends:
-            prompt = self._render(messages[:end])
+            prompt = self._render(placeheld[:end])
             if not prompt.startswith(consumed):
                 raise ExampleError(
                     f"template '{self.template.name}' renders earlier turns differently from how they were "
                     "trained; a multi-turn template must render each past assistant turn as its content "
                     "followed by the stop token", field="messages")
-            segments.append((prompt[len(consumed):], False, False))
+            for index, piece in enumerate(_PLACEHOLDER.split(prompt[len(consumed):])):
+                if index % 2:
+                    segments.append((texts[int(piece)], False, True))
+                elif piece:
+                    segments.append((piece, False, False))
             if end < len(messages):
-                response = messages[end]["content"]
-                # Responses are user data: a special token written inside one stays text and cannot end it early.
-                segments.append((response, True, True))
-                consumed = prompt + response + self.stop_text
+                segments.append((messages[end]["content"], True, True))
+                consumed = prompt + placeheld[end]["content"] + self.stop_text
         return segments
 
     def _render(self, messages: list[Mapping]) -> str:
@@ -177,6 +187,24 @@ class ExampleEncoder:
         if all(label == IGNORE_INDEX for label in labels):
             return None
         return EncodedExample(example.input_ids[: self.max_length], labels, truncated=True)
+
+
+_PLACEHOLDER = re.compile("\ue000(\\d+)\ue001")
+
+
+def _with_placeholders(messages: list[dict]) -> tuple[list[dict], list[str]]:
+    """Messages whose non-empty texts are replaced by numbered placeholders, and the texts they stand for."""
+    texts: list[str] = []
+    placeheld = []
+    for message in messages:
+        copy = dict(message)
+        for key in ("content", "input"):
+            value = message.get(key)
+            if isinstance(value, str) and value:
+                copy[key] = f"\ue000{len(texts)}\ue001"
+                texts.append(value)
+        placeheld.append(copy)
+    return placeheld, texts
 
 
 def single_token_id(tokenizer, token: str, template_name: str) -> int:

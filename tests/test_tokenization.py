@@ -138,7 +138,6 @@ def test_never_two_bos(template_name, adds_bos):
         assert _naive(tok, template, _messages("yes"))[:2] == [bos, bos]  # the naive way: two BOS
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: user text in the prompt is tokenized with special tokens parsed")
 def test_bos_written_in_an_instruction_is_text(tok):
     example = ExampleEncoder(tok, get_template("alpaca")).encode({"messages": _messages("yes", "say <s> and </s>")})
     assert example.input_ids.count(tok.bos_token_id) == 1
