@@ -155,21 +155,19 @@ def _save_final(trainer, output_dir: Path) -> None:
     if not trainer.is_world_process_zero():
         return
     (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; checkpoints keep their own copy
-    _write_card(staged)
+    (staged / "README.md").unlink(missing_ok=True)  # the generic card; this adapter's own is written below
     checkpoints = output_dir / CHECKPOINTS_DIR
     if checkpoints.is_dir():
         checkpoints.rename(staged / CHECKPOINTS_DIR)
     replace_directory(staged, output_dir)
+    _write_card(output_dir)
     logger.info("Saved the adapter to %s", output_dir)
 
 
 def _write_card(folder: Path) -> None:
-    """Replace the generic README that saving writes with this adapter's model card."""
-    try:
-        from .hub.card import write_card
-    except ImportError:
-        (folder / "README.md").unlink(missing_ok=True)
-        return
+    """Write this adapter's model card, ``README.md``, from the metadata saved with it."""
+    from .hub.card import write_card
+
     write_card(folder)
 
 
