@@ -171,11 +171,25 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         name = str(key).replace("-", "_")
         if name.lower() in _SECRET_KEYS:
             raise InputError("configs must not hold secrets; set HF_TOKEN or run `hf auth login` instead",
-                             source=str(path), field=str(key))
+                             source=str(path), location=_key_line(path, key), field=str(key))
         if name not in known:
-            raise InputError(f"unknown option.{did_you_mean(name, known)}", source=str(path), field=str(key))
+            raise InputError(f"unknown option.{did_you_mean(name, known)}", source=str(path),
+                             location=_key_line(path, key), field=str(key))
         normalized[name] = value
     return normalized
+
+
+def _key_line(path: str | Path, key: Any) -> str | None:
+    """``"line N"`` of a top-level ``key`` in a YAML file, for error messages."""
+    try:
+        node = yaml.compose(Path(path).read_text(encoding="utf-8"))
+    except (yaml.YAMLError, OSError, UnicodeDecodeError):
+        return None
+    if isinstance(node, yaml.MappingNode):
+        for key_node, _ in node.value:
+            if str(key_node.value) == str(key) or str(key_node.value).replace("-", "_") == str(key):
+                return f"line {key_node.start_mark.line + 1}"
+    return None
 
 
 def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -188,5 +202,6 @@ def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfi
     except InputError as error:
         if source and error.field in values and error.field not in overrides:
             error.source = source
+            error.location = _key_line(source, error.field)
             error.args = (error._format(),)
         raise

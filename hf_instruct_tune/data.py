@@ -91,13 +91,16 @@ class DataSource:
         yield from reader()
 
     def _text_lines(self) -> Iterator[tuple[int, str]]:
-        try:
-            with open(self.path, encoding="utf-8") as handle:
-                for number, line in enumerate(handle, start=1):
-                    yield number, line
-        except UnicodeDecodeError as error:
-            raise InputError(f"is not UTF-8 text (invalid byte at offset {error.start}); re-save it as UTF-8",
-                             source=self.display) from None
+        # Decoded line by line, so an encoding error names its line (a UTF-8 BOM is accepted).
+        with open(self.path, "rb") as handle:
+            for number, raw in enumerate(handle, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+                except UnicodeDecodeError as error:
+                    raise InputError(f"is not UTF-8 text (invalid byte 0x{raw[error.start]:02x} at column "
+                                     f"{error.start + 1}); re-save it as UTF-8", source=self.display,
+                                     location=f"line {number}") from None
+                yield number, line.replace("\r\n", "\n")
 
     def _jsonl_rows(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
         for number, line in self._text_lines():

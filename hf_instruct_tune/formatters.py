@@ -163,16 +163,28 @@ _SIGNATURES: list[tuple[str, tuple[str, ...]]] = [
 ]
 
 
-def detect_formatter(columns: Sequence[str], *, source: str | None = None) -> str:
-    """Pick a built-in formatter from a dataset's column names, or raise an error listing the options."""
+def detect_formatter(columns: Sequence[str], *, source: str | None = None, location: str | None = None) -> str:
+    """Pick a built-in formatter from a dataset's column names, or raise an error listing the options.
+
+    ``location`` names the row the columns came from ("line 1"); a misspelled column gets a suggestion.
+    """
     present = set(columns)
     for name, required in _SIGNATURES:
         if present.issuperset(required):
             logger.info("Formatter: '%s' (detected from the columns %s)", name, sorted(present))
             return name
     expected = "; ".join(f"{name}: {', '.join(cols)}" for name, cols in _SIGNATURES)
+    hint, culprit = "", None
+    for _, required in _SIGNATURES:  # the first signature that one renamed column would complete
+        missing = [column for column in required if column not in present]
+        if len(missing) == 1:
+            close = did_you_mean(missing[0], sorted(map(str, present - set(required))))
+            if close:
+                culprit = close.split("'")[1]
+                hint = f" The row has '{culprit}'. Did you mean '{missing[0]}'?"
+                break
     raise InputError(
         f"cannot detect the formatter from the columns {sorted(present)}. Expected one of: {expected}. "
-        "Name one with --formatter.",
-        source=source,
+        f"Name one with --formatter.{hint}",
+        source=source, location=location, field=culprit,
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import shutil
 from dataclasses import dataclass
@@ -64,8 +65,9 @@ def run_training(config: TrainConfig) -> TrainResult:
         check_write_access(config.push_to, endpoint=config.endpoint)
 
     tokenizer = load_tokenizer(spec, trust_remote_code=config.trust_remote_code)
+    formatter, template = _check_data(source, config.formatter, template, tokenizer)
     model, peft_config = _load_model(config, spec, backend)
-    trainer = _build_trainer(config, model, tokenizer, peft_config, source, template, spec, backend)
+    trainer = _build_trainer(config, model, tokenizer, peft_config, source, template, spec, backend, formatter)
 
     interrupt = SaveOnInterrupt()
     trainer.add_callback(interrupt)
@@ -104,7 +106,37 @@ def _load_model(config: TrainConfig, spec, backend: str):
     return model, peft_config
 
 
-def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: DataSource, template, spec, backend):
+def _check_data(source: DataSource, formatter_name: str | None, template, tokenizer):
+    """Format every row and encode the first, so bad data is reported before the model loads.
+
+    Formatting is cheap next to loading a model; length checks need the trainer and come later.
+    Returns the formatter name and the template (detected or defaulted as the trainer would).
+    """
+    from .formatters import FieldError, detect_formatter
+    from .tokenization import ExampleEncoder, ExampleError
+    from .trainer import default_template_name
+
+    rows = source.rows()
+    first = next(rows, None)
+    if first is None:
+        raise InputError("the dataset is empty: it has no rows", source=source.display)
+    name = formatter_name or detect_formatter(list(first[1]), source=source.display, location=first[0])
+    format_row = get_formatter(name)
+    template = template or get_template(default_template_name(name, tokenizer))
+    encoder = ExampleEncoder(tokenizer, template)
+    for index, (location, row) in enumerate(itertools.chain([first], rows)):
+        try:
+            example = format_row(row)
+            if index == 0:
+                encoder.encode(example)
+        except (FieldError, ExampleError) as error:
+            message = error.message if isinstance(error, FieldError) else str(error)
+            raise InputError(message, source=source.display, location=location, field=error.field) from None
+    return name, template
+
+
+def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: DataSource, template, spec, backend,
+                   formatter: str | None = None):
     import torch
     from trl import SFTConfig
 
@@ -127,7 +159,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
     )
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,
-        processing_class=tokenizer, peft_config=peft_config, template=template, formatter=config.formatter,
+        processing_class=tokenizer, peft_config=peft_config, template=template, formatter=formatter or config.formatter,
         train_on_prompt=config.train_on_prompt, overlong=config.overlong, base_model_id=spec.base_model_id,
         dataset_name=source.name, language=config.language, license=config.license,
     )
