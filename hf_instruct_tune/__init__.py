@@ -1,3 +1,58 @@
-"""Instruction fine-tuning for the Hugging Face stack, EOS-safe by construction."""
+"""Instruction fine-tuning for the Hugging Face stack, EOS-safe by construction.
+
+The public API is imported lazily, so that ``import hf_instruct_tune`` does not import transformers
+(Unsloth must be imported before it when that backend is used).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+_EXPORTS = {
+    "InstructTrainer": "trainer",
+    "EOSSafeCollator": "collator",
+    "ExampleEncoder": "tokenization",
+    "EncodedExample": "tokenization",
+    "PromptTemplate": "templating",
+    "get_template": "templating",
+    "register_template": "templating",
+    "get_formatter": "formatters",
+    "register_formatter": "formatters",
+    "detect_formatter": "formatters",
+    "DataSource": "data",
+    "tokenize_source": "data",
+    "AdapterGenerator": "generation",
+    "TrainConfig": "config",
+    "TrainingMetadata": "metadata",
+    "InputError": "errors",
+    "InstructTuneError": "errors",
+    "push_adapter": "hub.push",
+    "pack_features": "packing",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = importlib.import_module(f".{_EXPORTS[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'hf_instruct_tune' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:
+    from .collator import EOSSafeCollator
+    from .config import TrainConfig
+    from .data import DataSource, tokenize_source
+    from .errors import InputError, InstructTuneError
+    from .formatters import detect_formatter, get_formatter, register_formatter
+    from .generation import AdapterGenerator
+    from .hub.push import push_adapter
+    from .metadata import TrainingMetadata
+    from .packing import pack_features
+    from .templating import PromptTemplate, get_template, register_template
+    from .tokenization import EncodedExample, ExampleEncoder
+    from .trainer import InstructTrainer
