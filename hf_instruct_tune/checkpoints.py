@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,14 +17,34 @@ CHECKPOINTS_DIR = "checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def last_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under ``output_dir/checkpoints`` (one with its trainer state)."""
+def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     folder = Path(output_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
-        return None
-    complete = [(int(match.group(1)), path) for path in folder.iterdir()
-                if (match := _CHECKPOINT.match(path.name)) and (path / "trainer_state.json").is_file()]
-    return max(complete)[1] if complete else None
+        return []
+    return sorted((int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT.match(path.name)))
+
+
+def is_complete(checkpoint: Path) -> bool:
+    """Whether ``checkpoint`` was fully written: its trainer state, which the Trainer writes last, parses."""
+    try:
+        state = json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(state, dict) and "global_step" in state
+
+
+def last_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under ``output_dir/checkpoints`` (one with a readable trainer state)."""
+    complete = [path for _, path in _checkpoints(output_dir) if is_complete(path)]
+    return complete[-1] if complete else None
+
+
+def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete checkpoints that a crash or a full disk left half-written; return what was removed."""
+    removed = [path for _, path in _checkpoints(output_dir) if not is_complete(path)]
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    return removed
 
 
 class SaveOnInterrupt(TrainerCallback):

@@ -9,7 +9,8 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoints import CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint, replace_directory
+from .checkpoints import (CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint,
+                          remove_incomplete_checkpoints, replace_directory)
 from .config import TrainConfig
 from .data import DataSource
 from .errors import InputError, InstructTuneError
@@ -57,6 +58,9 @@ def run_training(config: TrainConfig) -> TrainResult:
     if config.resume and checkpoint is None:
         raise InputError(f"no checkpoint to resume from in {output_dir / CHECKPOINTS_DIR}", source=str(output_dir),
                          field="resume")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise InputError("exists and is not a folder; choose another --output-dir", source=str(output_dir),
+                         field="output_dir")
     backend = resolve_backend(config.backend)
     spec = resolve_model(config.model, base_model_id=config.base_model_id)
     if config.push_to:
@@ -71,7 +75,22 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     interrupt = SaveOnInterrupt()
     trainer.add_callback(interrupt)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    if checkpoint is not None:
+        for partial in remove_incomplete_checkpoints(output_dir):
+            logger.warning("Removed %s: a checkpoint left half-written by an earlier run", partial)
+        logger.info("Resuming from %s", checkpoint)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException as error:
+        _close_progress_bars(trainer)  # so the error starts on a line of its own
+        if not isinstance(error, OSError) or error.errno != errno.ENOSPC:
+            raise
+        if trainer.is_world_process_zero():
+            remove_incomplete_checkpoints(output_dir)
+        kept = last_checkpoint(output_dir)
+        where = f"; the last checkpoint, {kept}, is intact" if kept else "; no checkpoint was complete yet"
+        raise DiskFullError(f"disk full while saving a checkpoint{where}. Free space and run the same command"
+                            f"{' with --resume' if kept else ''}.") from None
     if interrupt.interrupted:
         saved = last_checkpoint(output_dir)
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {saved}. "
@@ -104,6 +123,15 @@ def _load_model(config: TrainConfig, spec, backend: str):
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
     return model, peft_config
+
+
+def _close_progress_bars(trainer) -> None:
+    from transformers.trainer_callback import ProgressCallback
+
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, ProgressCallback) and callback.training_bar is not None:
+            callback.training_bar.close()
+            callback.training_bar = None
 
 
 def _check_data(source: DataSource, formatter_name: str | None, template, tokenizer):
@@ -176,10 +204,10 @@ def _save_final(trainer, output_dir: Path) -> None:
     trainer.accelerator.wait_for_everyone()
     try:
         trainer.save_model(str(staged))
-    except OSError as error:
+    except BaseException as error:
         if trainer.is_world_process_zero():
             shutil.rmtree(staged, ignore_errors=True)
-        if error.errno == errno.ENOSPC:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
             kept = last_checkpoint(output_dir)
             where = f"; the last checkpoint, {kept}, is intact" if kept else ""
             raise DiskFullError(f"disk full while saving the adapter{where}. Free space and run with --resume.") from None

@@ -1,0 +1,241 @@
+"""Interrupted training: SIGKILL then --resume matches an uninterrupted run; Ctrl-C saves; saves are atomic."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_instruct_tune.checkpoints import CHECKPOINTS_DIR, last_checkpoint
+from hf_instruct_tune.cli import main
+from hf_instruct_tune.metadata import METADATA_FILE_NAME
+
+ADAPTER = "adapter_model.safetensors"
+# Slows each optimizer step of a child process, so a signal reliably lands mid-training. Sleeping
+# does not change the numbers.
+SLOW_MAIN = """
+import sys, time
+import hf_instruct_tune.checkpoints as checkpoints
+step_end = checkpoints.SaveOnInterrupt.on_step_end
+def slow(self, *args, **kwargs):
+    time.sleep(float({delay!r}))
+    return step_end(self, *args, **kwargs)
+checkpoints.SaveOnInterrupt.on_step_end = slow
+from hf_instruct_tune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    from hf_instruct_tune.testing.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("resume")
+    model = save_tiny_checkpoint(root / "tiny")
+    words = ["hello", "world", "classify", "the", "sentiment", "yes", "no", "maybe", "Paris", "France"]
+    rows = [{"instruction": f"{words[i % 10]} {words[(3 * i) % 10]} {i}", "output": words[(7 * i) % 10]}
+            for i in range(20)]
+    data = root / "train.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return model, data
+
+
+def _args(setup, out: Path, *extra: str, steps: int = 12) -> list[str]:
+    model, data = setup
+    # 20 rows at 2 x 2 per step: an epoch is 5 steps, so checkpoint 4 (and 8) falls mid-epoch.
+    return ["train", "--model", str(model), "--data", str(data), "--output-dir", str(out), "--max-steps", str(steps),
+            "--save-steps", "4", "--batch-size", "2", "--grad-accum", "2", "--lora-r", "4", "--target-modules",
+            "q_proj,v_proj", "--lr", "5e-3", "--warmup-steps", "2", "--seed", "11", "--max-length", "64",
+            "--save-total-limit", "3", *extra]
+
+
+@pytest.fixture(scope="module")
+def reference(setup, tmp_path_factory):
+    """An uninterrupted run, in this process."""
+    out = tmp_path_factory.mktemp("reference") / "adapter"
+    assert main(_args(setup, out)) == 0
+    return out
+
+
+def _start(argv: list[str], *, delay: float) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-c", SLOW_MAIN.format(delay=delay), *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(process: subprocess.Popen, path: Path, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if process.poll() is not None:
+            raise AssertionError(f"the run ended (code {process.returncode}) before {path} appeared:\n"
+                                 f"{process.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise AssertionError(f"{path} did not appear in {timeout}s")
+        time.sleep(0.02)
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / ADAPTER))
+
+
+def _loss_history(folder: Path) -> list[dict]:
+    return json.loads((folder / METADATA_FILE_NAME).read_text())["results"]["loss_history"]
+
+
+def _assert_same_run(folder: Path, reference: Path) -> None:
+    ours, theirs = _weights(folder), _weights(reference)
+    assert ours.keys() == theirs.keys()
+    for name in theirs:
+        torch.testing.assert_close(ours[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+    history, expected = _loss_history(folder), _loss_history(reference)
+    assert [entry["step"] for entry in history] == list(range(1, 13))
+    assert [entry["step"] for entry in history] == [entry["step"] for entry in expected]
+    torch.testing.assert_close([e["loss"] for e in history], [e["loss"] for e in expected], rtol=1e-5, atol=1e-6)
+
+
+def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, reference, tmp_path):
+    out = tmp_path / "adapter"
+    process = _start(_args(setup, out), delay=0.3)
+    _wait_for(process, out / CHECKPOINTS_DIR / "checkpoint-4" / "trainer_state.json")
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert not (out / "adapter_config.json").exists(), "the run finished before it was killed"
+    kept = last_checkpoint(out)
+    assert kept is not None and kept.name in {"checkpoint-4", "checkpoint-8"}
+    # What a kill during a save leaves behind: a folder without its trainer state (written last), and
+    # one whose trainer state was cut short. Neither may be resumed from.
+    step = int(kept.name.split("-")[1])
+    partial = out / CHECKPOINTS_DIR / f"checkpoint-{step + 1}"
+    partial.mkdir(exist_ok=True)
+    (partial / ADAPTER).write_bytes(b"\0" * 10)
+    torn = out / CHECKPOINTS_DIR / f"checkpoint-{step + 2}"
+    torn.mkdir(exist_ok=True)
+    (torn / "trainer_state.json").write_text('{"global_step": ')
+    assert last_checkpoint(out) == kept
+
+    assert main(_args(setup, out, "--resume")) == 0
+    assert not partial.exists() and not torn.exists()
+    _assert_same_run(out, reference)
+
+
+def test_resume_without_a_checkpoint_is_an_input_error(setup, tmp_path, capsys):
+    out = tmp_path / "adapter"
+    assert main(_args(setup, out, "--resume")) == 2
+    assert "no checkpoint to resume from" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_sigint_saves_a_checkpoint_and_says_how_to_resume(setup, tmp_path):
+    out = tmp_path / "adapter"
+    process = _start(_args(setup, out, steps=40), delay=0.3)
+    _wait_for(process, out / CHECKPOINTS_DIR / "checkpoint-4" / "trainer_state.json")
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    [line] = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert "interrupted at step" in line and "--resume" in line
+    saved = last_checkpoint(out)
+    assert saved is not None and str(saved) in line
+    step = json.loads((saved / "trainer_state.json").read_text())["global_step"]
+    assert 4 < step < 40 and saved.name == f"checkpoint-{step}"
+    assert not (out / "adapter_config.json").exists()
+
+    assert main(_args(setup, out, "--resume", steps=step + 2)) == 0
+    assert json.loads((out / METADATA_FILE_NAME).read_text())["results"]["global_step"] == step + 2
+
+
+# -- the final save --------------------------------------------------------------------------------
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()}
+
+
+def test_existing_adapter_needs_overwrite(setup, reference, tmp_path, capsys):
+    before = _snapshot(reference)
+    assert main(_args(setup, reference)) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert _snapshot(reference) == before
+
+
+def test_crash_during_the_final_save_keeps_the_previous_adapter(setup, tmp_path, monkeypatch):
+    from hf_instruct_tune.trainer import InstructTrainer
+
+    out = tmp_path / "adapter"
+    assert main(_args(setup, out, steps=4)) == 0
+    before = _snapshot(out)
+    save = InstructTrainer.save_model
+
+    def crash_in_final_save(self, output_dir=None, _internal_call=False):
+        if output_dir and ".staged" in str(output_dir):
+            save(self, output_dir, _internal_call)  # half of the files are written...
+            raise RuntimeError("simulated crash during the final save")
+        return save(self, output_dir, _internal_call)
+
+    monkeypatch.setattr(InstructTrainer, "save_model", crash_in_final_save)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        main(_args(setup, out, "--overwrite", "--lr", "1e-1", steps=4))
+    assert _snapshot(out) == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")], "a staged folder was left behind"
+
+    monkeypatch.setattr(InstructTrainer, "save_model", save)
+    assert main(_args(setup, out, "--overwrite", "--lr", "1e-1", steps=4)) == 0
+    assert _snapshot(out)[ADAPTER] != before[ADAPTER]
+
+
+def _disk_full_in(monkeypatch, fragment: str) -> None:
+    import peft.peft_model
+
+    save_file = peft.peft_model.safe_save_file
+
+    def full(tensors, filename, *args, **kwargs):
+        if fragment in str(filename):
+            with open(filename, "wb") as handle:  # a partial file, as a full disk leaves it
+                handle.write(b"\0" * 16)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(filename))
+        return save_file(tensors, filename, *args, **kwargs)
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", full)
+
+
+def test_disk_full_during_the_final_save(setup, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "adapter"
+    _disk_full_in(monkeypatch, ".staged")
+    assert main(_args(setup, out)) == 1
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "disk full" in line and "checkpoint-12" in line and "intact" in line and "Traceback" not in err
+    kept = last_checkpoint(out)
+    assert kept.name == "checkpoint-12"
+    assert set(_weights(kept)) and not (out / "adapter_config.json").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".adapter")]
+
+
+def test_disk_full_during_a_checkpoint_then_resume(setup, reference, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "adapter"
+    _disk_full_in(monkeypatch, "checkpoint-8")
+    assert main(_args(setup, out)) == 1
+    err = capsys.readouterr().err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "disk full while saving a checkpoint" in line and "checkpoint-4" in line and "--resume" in line
+    assert last_checkpoint(out).name == "checkpoint-4"
+    assert not (out / CHECKPOINTS_DIR / "checkpoint-8").exists()
+    assert set(_weights(out / CHECKPOINTS_DIR / "checkpoint-4"))
+
+    import peft.peft_model
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)  # space was freed
+    assert main(_args(setup, out, "--resume")) == 0
+    _assert_same_run(out, reference)
