@@ -27,18 +27,21 @@ ARCH = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num
             num_key_value_heads=8)
 VOCAB = 128256
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-STEPS, WARM = 10, 5
+STEPS, WARM = int(os.environ.get("BENCH_STEPS", 10)), 5  # BENCH_STEPS=6: a quicker smoke test
 
-# name -> (rows per micro-batch, grad-accum, packed, attention, layers checkpointed, loss)
+# name -> (rows per micro-batch, grad-accum, packed, attention, layers checkpointed, loss, embeddings on CPU)
 VARIANTS = {
-    "fast": (16, 1, True, "torch_varlen", 32, "cce"),
-    "fast_sel": (16, 1, True, "torch_varlen", 24, "cce"),
-    "fast_sdpa": (16, 1, True, "sdpa", 32, "cce"),
-    "fast_plainloss": (16, 1, True, "torch_varlen", 32, "plain"),
-    "lean": (4, 4, True, "torch_varlen", 32, "cce"),
-    "notebook": (4, 4, False, "sdpa", 32, "plain"),
+    "best": (16, 1, True, "torch_varlen", 32, "chunked", False),
+    "best_sel": (16, 1, True, "torch_varlen", 27, "chunked", False),
+    "fast_cce": (16, 1, True, "torch_varlen", 32, "cce", False),
+    "fast_sdpa": (16, 1, True, "sdpa", 32, "cce", False),
+    "fast_plainloss": (16, 1, True, "torch_varlen", 32, "plain", False),
+    "notebook": (4, 4, False, "sdpa", 32, "plain", False),
+    # embeddings stay on the CPU from here on: keep these last
+    "lean16": (16, 1, True, "torch_varlen", 32, "chunked", True),
+    "lean": (8, 2, True, "torch_varlen", 32, "chunked", True),
 }
-DEFAULT_VARIANTS = "fast,fast_sel,lean,fast_sdpa,fast_plainloss,notebook"
+DEFAULT_VARIANTS = "best,best_sel,notebook,lean16,lean"
 
 
 def make(out: str) -> None:
@@ -202,17 +205,18 @@ def _loss_fn(kind: str):
 
     if kind == "plain":
         return plain, "plain"
-    try:
+    if kind == "cce":
+      try:
         from cut_cross_entropy import linear_cross_entropy
 
         def cce(h, w, y):
             return linear_cross_entropy(h, w.to(h.dtype), y, ignore_index=-100, reduction="sum")
 
         return cce, "cce"
-    except Exception as e:  # noqa: BLE001 - report, fall back to chunks
+      except Exception as e:  # noqa: BLE001 - report, fall back to chunks
         print(f"cut_cross_entropy unavailable ({type(e).__name__}: {e}); chunked loss", file=sys.stderr)
 
-    def chunked(h, w, y, chunk=2048):
+    def chunked(h, w, y, chunk=1024):  # logits of one chunk at a time, recomputed in backward
         total = h.new_zeros((), dtype=torch.float32)
         for s in range(0, h.shape[0], chunk):
             total = total + checkpoint(plain, h[s:s + chunk], w, y[s:s + chunk], use_reentrant=False)
@@ -231,7 +235,7 @@ def train_hit(path: str, variants: list[str]) -> None:
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    from hf_instruct_tune.backends import add_lora, load_for_training
+    from hf_instruct_tune.backends import add_lora, load_for_training, offload_input_embeddings
     from hf_instruct_tune.packing import pack_features, register_varlen_attention
 
     register_varlen_attention()
@@ -241,15 +245,20 @@ def train_hit(path: str, variants: list[str]) -> None:
     base, _ = load_for_training(path, backend="transformers", load_in_4bit=cuda, dtype=torch.bfloat16,
                                 attn_implementation="sdpa")
     for name in variants:
-        bs, ga, packed, attn, n_ckpt, loss_kind = VARIANTS[name]
+        bs, ga, packed, attn, n_ckpt, loss_kind, embed_cpu = VARIANTS[name]
         if not cuda and attn == "torch_varlen":
             attn = "sdpa"
-        trainer = model = None
+        trainer = model = lm_head = None
         try:
             base.config._attn_implementation = attn
             for m in base.modules():
                 if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
                     m.config._attn_implementation = attn
+            if embed_cpu and not getattr(base, "_embed_on_cpu", False):
+                offload_input_embeddings(base)
+                base._embed_on_cpu = True
+            lm_head = base.lm_head
+            base.lm_head = torch.nn.Identity()  # forward (through DDP when launched so) returns hidden states
             model = add_lora(base, backend="transformers", r=16, lora_alpha=16, gradient_checkpointing=n_ckpt > 0)
             layers = model.get_base_model().model.layers
             for i, layer in enumerate(layers):  # selective: the first n_ckpt layers recompute, the rest keep
@@ -265,15 +274,16 @@ def train_hit(path: str, variants: list[str]) -> None:
                     labels = inputs.pop("labels")
                     mask = inputs.get("attention_mask")
                     clock.tokens += int(mask.sum()) if mask is not None else labels.numel()
-                    inner = model.get_base_model()
-                    hidden = inner.model(**inputs).last_hidden_state
+                    hidden = model(**inputs).logits  # lm_head is an Identity: final normed hidden states
                     h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
                     y = labels[:, 1:].reshape(-1)
-                    n = num_items_in_batch if num_items_in_batch is not None else (y != -100).sum()
-                    return loss_fn(h, inner.lm_head.weight, y) / n
+                    if num_items_in_batch is None:
+                        return loss_fn(h, lm_head.weight, y) / (y != -100).sum()
+                    scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+                    return loss_fn(h, lm_head.weight, y) * scale / num_items_in_batch
 
             cfg = _sft_config(bs, ga, gradient_checkpointing=False, remove_unused_columns=False,
-                              dataset_kwargs={"skip_prepare_dataset": True})
+                              dataset_kwargs={"skip_prepare_dataset": True}, ddp_find_unused_parameters=False)
             trainer = Trainer(model=model, args=cfg, train_dataset=Dataset.from_list(feats), processing_class=tok,
                               data_collator=collate, callbacks=[clock.callback()])
             trainer.model_accepts_loss_kwargs = True  # compute_loss divides by num_items_in_batch itself
@@ -283,7 +293,9 @@ def train_hit(path: str, variants: list[str]) -> None:
             trainer.train()
             print("RESULT " + json.dumps(clock.result(stack="hit", variant=name, rows=bs, grad_accum=ga,
                                                       packed=packed, attn=attn, ckpt_layers=n_ckpt,
-                                                      loss=loss_used)), flush=True)
+                                                      loss=loss_used, embed_cpu=embed_cpu,
+                                                      world=trainer.accelerator.num_processes,
+                                                      rank=trainer.accelerator.process_index)), flush=True)
         except Exception as e:  # noqa: BLE001 - one variant failing should not hide the others
             import traceback
 
@@ -293,6 +305,8 @@ def train_hit(path: str, variants: list[str]) -> None:
         finally:
             trainer = model = None
             base = _strip_lora(base)
+            if lm_head is not None and isinstance(base.lm_head, torch.nn.Identity):
+                base.lm_head = lm_head
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
@@ -383,19 +397,45 @@ def table(results: list[dict]) -> str:
         setting = r["variant"]
         if r["stack"] == "hit":
             setting = (f"{r['variant']}: {'packed' if r['packed'] else 'padded'}, {r['rows']} rows x ga {r['grad_accum']},"
-                       f" {r['attn']}, ckpt {r['ckpt_layers']}/32, loss {r['loss']}")
+                       f" {r['attn']}, ckpt {r['ckpt_layers']}/32, loss {r['loss']}"
+                       f"{', embeddings on CPU' if r.get('embed_cpu') else ''}"
+                       f"{', DDP %d GPUs, rank %d' % (r['world'], r['rank']) if r.get('world', 1) > 1 else ''}")
         lines.append(f"| {r['stack']} | {setting} | {r['real_tokens_per_s']:,.0f} | {r['mean_step_s']:.2f} | "
                      f"{r['peak_alloc_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['losses'][-1]:.3f} |")
     return "\n".join(lines)
 
 
-def report(json_path: str, md_path: str = "BENCHMARKS.md") -> None:
-    """Replace (or add) the '## GPU' section of BENCHMARKS.md with the table from a run's JSON."""
+def multi_table(results: list[dict]) -> str:
+    """1 GPU against DDP: tokens/s per GPU, total, and scaling efficiency (total / (N x one GPU))."""
+    ok = [r for r in results if "error" not in r]
+    one = [r for r in ok if r.get("world", 1) == 1]
+    ddp = [r for r in ok if r.get("world", 1) > 1]
+    lines = ["| setup | real tok/s per GPU | total real tok/s | step s | peak alloc GiB per GPU | scaling efficiency |",
+             "|---|---:|---:|---:|---:|---:|"]
+    if one:
+        r = one[0]
+        lines.append(f"| 1 GPU, {r['variant']} | {r['real_tokens_per_s']:,.0f} | {r['real_tokens_per_s']:,.0f} | "
+                     f"{r['mean_step_s']:.2f} | {r['peak_alloc_gib']:.1f} | 100% |")
+    if ddp:
+        n, total = ddp[0]["world"], sum(r["real_tokens_per_s"] for r in ddp)
+        eff = f"{total / (n * one[0]['real_tokens_per_s']):.0%}" if one else "n/a"
+        lines.append(f"| DDP {n} GPUs, {ddp[0]['variant']} | {total / n:,.0f} | {total:,.0f} | "
+                     f"{max(r['mean_step_s'] for r in ddp):.2f} | {max(r['peak_alloc_gib'] for r in ddp):.1f} | {eff} |")
+    for r in results:
+        if "error" in r:
+            lines.append(f"| failed: {r['error'][:100]} | | | | | |")
+    return "\n".join(lines)
+
+
+def report(json_path: str, md_path: str = "BENCHMARKS.md", section_name: str = "GPU") -> None:
+    """Replace (or add) the '## GPU' (or '## Multi-GPU') section of BENCHMARKS.md from a run's JSON."""
     results = json.load(open(json_path))
-    intro = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_bench_notes.md")).read().strip()
-    section = f"## GPU\n\n{intro}\n\n{table(results)}\n"
+    notes = {"GPU": "gpu_bench_notes.md", "Multi-GPU": "multi_gpu_notes.md"}[section_name]
+    intro = open(os.path.join(os.path.dirname(os.path.abspath(__file__)), notes)).read().strip()
+    body = table(results) if section_name == "GPU" else multi_table(results)
+    section = f"## {section_name}\n\n{intro}\n\n{body}\n"
     text = open(md_path).read() if os.path.exists(md_path) else "# Benchmarks\n"
-    start = text.find("\n## GPU\n")
+    start = text.find(f"\n## {section_name}\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:
@@ -420,5 +460,7 @@ if __name__ == "__main__":
         run_all(sys.argv[2], sys.argv[3], train_stacks, os.environ.get("VARIANTS", DEFAULT_VARIANTS))
     elif cmd == "report":
         report(*sys.argv[2:])
+    elif cmd == "multi-table":
+        print(multi_table(json.load(open(sys.argv[2]))))
     else:
         sys.exit(__doc__)

@@ -42,13 +42,17 @@ def _cuda() -> bool:
 def resolve_backend(name: str) -> str:
     """Return ``"transformers"`` or ``"unsloth"`` for a ``--backend`` value.
 
-    ``auto`` picks Unsloth when it is installed and a CUDA GPU is present, else transformers.
+    ``auto`` picks Unsloth when it is installed and a CUDA GPU is present, else transformers; and
+    transformers whenever the run has several processes (``WORLD_SIZE`` > 1): Unsloth trains on one GPU,
+    multi-GPU training goes through transformers and accelerate.
     Raises :class:`InputError` for an unknown name, or for ``unsloth`` where it cannot run.
     """
     if name not in BACKENDS:
         raise unknown_name("backend", name, BACKENDS)
     if name == "auto":
-        return "unsloth" if _installed("unsloth") and _cuda() else "transformers"
+        from hf_instruct_tune.launch import world_size
+
+        return "unsloth" if world_size() == 1 and _installed("unsloth") and _cuda() else "transformers"
     if name == "unsloth":
         if not _installed("unsloth"):
             raise InputError(
@@ -189,7 +193,49 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def _current_device() -> int | str:
+def offload_input_embeddings(model: Any) -> Any:
+    """Keep the frozen input-embedding table in CPU memory and look tokens up there (saves ~1 GiB on Llama-3-8B).
+
+    Only the looked-up rows travel to the GPU (``T x hidden`` per micro-batch). The table is a plain attribute,
+    not a parameter, so DDP and ``model.to()`` leave it alone; use it for training LoRA adapters, not for
+    saving the full model. Call it before :func:`add_lora`. Returns ``model``.
+    """
     import torch
 
-    return torch.cuda.current_device() if torch.cuda.is_available() else "cpu"
+    old = model.get_input_embeddings()
+    model.set_input_embeddings(_CPUEmbedding(old.weight.detach().to("cpu"), old.weight.device))
+    if old.weight.is_cuda:
+        del old
+        torch.cuda.empty_cache()
+    return model
+
+
+def _cpu_embedding_class():
+    import torch
+
+    class CPUEmbedding(torch.nn.Module):
+        def __init__(self, table: torch.Tensor, device: torch.device):
+            super().__init__()
+            self.table, self.device = table, device
+
+        def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+            rows = torch.nn.functional.embedding(input_ids.to("cpu"), self.table)
+            if torch.device(self.device).type != "cuda":
+                return rows.to(self.device)
+            return rows.pin_memory().to(self.device, non_blocking=True)
+
+    return CPUEmbedding
+
+
+def _CPUEmbedding(table, device):  # noqa: N802 - a class built lazily so that torch is imported late
+    return _cpu_embedding_class()(table, device)
+
+
+def _current_device() -> int | str:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    return int(os.environ.get("LOCAL_RANK", torch.cuda.current_device()))  # one GPU per process under DDP
