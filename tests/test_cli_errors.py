@@ -305,3 +305,21 @@ def test_subprocess_exit_code_and_one_line(tmp_path, tiny_model, case):
     assert all(text in error_lines[0] for text in expected), error_lines[0]
     assert "hf_secretsecretsecret123" not in result.stderr + result.stdout
     assert not out.exists()
+
+
+def test_card_templates_render_in_the_sandbox(tmp_path, tiny_model, monkeypatch):
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    import hf_instruct_tune.hub.card as card
+
+    data = _jsonl(tmp_path / "d.jsonl", ROWS)
+    out = tmp_path / "out"
+    assert main(["train", "--model", str(tiny_model), "--data", str(data), "--output-dir", str(out), "--max-steps",
+                 "1", "--batch-size", "1", "--grad-accum", "1", "--lora-r", "2", "--target-modules", "q_proj"]) == 0
+    assert isinstance(card._environment(), ImmutableSandboxedEnvironment)
+    monkeypatch.setenv("HF_INSTRUCT_TUNE_CANARY", "canary-value-8d1f")
+    monkeypatch.setattr(card, "_template_source", lambda: "{{ cycler.__init__.__globals__.os.environ }}")
+    with pytest.raises(SecurityError) as info:
+        card.render_card(out)
+    assert "canary-value-8d1f" not in str(info.value)

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_COMMIT_MESSAGE = "Upload adapter with hf-instruct-tune"
 # Trainer checkpoints, logs and caches are not part of a published adapter.
 DEFAULT_IGNORE = [".git/*", ".git", ".cache/*", "*/.cache/*", "__pycache__/*", "checkpoint-*", "checkpoint-*/*",
-                  "runs/*", "*.lock", ".DS_Store"]
+                  "checkpoints/*", "runs/*", "*.lock", ".DS_Store", "training_args.bin"]
 CARD_FILES = ("README.md", "loss_curve.png")
 _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 
