@@ -15,12 +15,8 @@ CARRIED_FILES = (METADATA_FILE_NAME, "prompt_template.jinja")
 
 
 def _load_base(name_or_path: str, base_model_id: str | None, dtype: str):
-    try:
-        from ..models import load_base_model, resolve_model
-    except ImportError:  # pragma: no cover - the core loaders are part of the package
-        from transformers import AutoModelForCausalLM
+    from ..models import load_base_model, resolve_model
 
-        return AutoModelForCausalLM.from_pretrained(name_or_path)
     return load_base_model(resolve_model(name_or_path, base_model_id=base_model_id), dtype=dtype)
 
 
