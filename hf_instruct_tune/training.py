@@ -43,7 +43,9 @@ def run_training(config: TrainConfig) -> TrainResult:
     failed push leaves the saved adapter and says how to retry.
     """
     from .backends import resolve_backend
+    from .launch import quiet_replicas
 
+    quiet_replicas()  # under accelerate launch / torchrun every rank runs this; rank 0 speaks for them
     if not config.data:
         raise InputError("no training data; pass --data PATH (or `data:` in the config)", field="data")
     output_dir = Path(config.output_dir)
@@ -73,6 +75,7 @@ def run_training(config: TrainConfig) -> TrainResult:
     model, peft_config = _load_model(config, spec, backend)
     trainer = _build_trainer(config, model, tokenizer, peft_config, source, template, spec, backend, formatter)
 
+    _check_fsdp_saves_an_adapter(trainer)
     interrupt = SaveOnInterrupt()
     trainer.add_callback(interrupt)
     if checkpoint is not None:
@@ -96,6 +99,9 @@ def run_training(config: TrainConfig) -> TrainResult:
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {saved}. "
                                   "Run the same command with --resume to continue.")
     _save_final(trainer, output_dir)
+    for tokenized in (trainer.train_data, trainer.eval_data):
+        if tokenized is not None:  # each rank tokenized into its own temporary folder
+            tokenized.cleanup()
     result = TrainResult(output_dir, trainer.state.global_step, trainer.run_metadata.results.get("final_loss"))
     if config.push_to and trainer.is_world_process_zero():
         _push_after_training(config, output_dir)
@@ -194,6 +200,17 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit})
     return trainer
+
+
+def _check_fsdp_saves_an_adapter(trainer) -> None:
+    """Under FSDP the Trainer writes the adapter only from a full state dict: refuse before training otherwise."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return
+    state_dict_type = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
+    if "FULL_STATE_DICT" not in state_dict_type:
+        raise InputError(f"FSDP saves no adapter with the state dict type {state_dict_type}; set "
+                         "`fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config (see "
+                         "examples/accelerate_fsdp.yaml)", field="fsdp_state_dict_type")
 
 
 def _save_final(trainer, output_dir: Path) -> None:
