@@ -275,7 +275,8 @@ def train_hit(path: str, variants: list[str]) -> None:
                     mask = inputs.get("attention_mask")
                     clock.tokens += int(mask.sum()) if mask is not None else labels.numel()
                     hidden = model(**inputs).logits  # lm_head is an Identity: final normed hidden states
-                    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+                    # (accelerate's autocast wrapper returns model outputs in fp32: back to the head's dtype)
+                    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(lm_head.weight.dtype)
                     y = labels[:, 1:].reshape(-1)
                     if num_items_in_batch is None:
                         return loss_fn(h, lm_head.weight, y) / (y != -100).sum()

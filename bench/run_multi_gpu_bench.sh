@@ -8,9 +8,10 @@ mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site && ex
 OUT=${OUT:-/tmp/multi-gpu-bench}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; V=${VARIANT:-best}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1
-python3 bench/gpu_bench.py train hit $M --variants $V > $OUT/log_1gpu.txt 2>&1
+# ONE_GPU_LOG: a log of `gpu_bench.py train hit` with variant $V from this machine, instead of running it again
+[ -n "$ONE_GPU_LOG" ] && cp "$ONE_GPU_LOG" $OUT/log_1gpu.txt || python3 bench/gpu_bench.py train hit $M --variants $V > $OUT/log_1gpu.txt 2>&1
 accelerate launch --multi_gpu --num_processes ${NPROC:-2} --mixed_precision bf16 \
   bench/gpu_bench.py train hit $M --variants $V > $OUT/log_ddp.txt 2>&1
-grep -h '^RESULT' $OUT/log_1gpu.txt $OUT/log_ddp.txt | sed 's/^RESULT //' | python3 -c 'import sys,json; print(json.dumps([json.loads(l) for l in sys.stdin], indent=1))' > $OUT/multi_gpu.json
+grep -h "^RESULT.*\"variant\": \"$V\"" $OUT/log_1gpu.txt $OUT/log_ddp.txt | sed 's/^RESULT //' | python3 -c 'import sys,json; print(json.dumps([json.loads(l) for l in sys.stdin], indent=1))' > $OUT/multi_gpu.json
 python3 bench/gpu_bench.py multi-table $OUT/multi_gpu.json
 grep -E "Error|error" $OUT/log_ddp.txt | tail -5
