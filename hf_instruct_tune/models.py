@@ -110,8 +110,14 @@ def load_base_model(spec: ModelSpec, *, dtype: str = "auto", attn_implementation
     if spec.gguf_file:
         _forget_gguf_quantization(model)
     if spec.base_model_id:
-        model.config._name_or_path = spec.base_model_id
+        name_base_model(model, spec.base_model_id)
     return model
+
+
+def name_base_model(model, base_model_id: str) -> None:
+    """Record the Hub id as the model's name, so the adapter config names it rather than a local folder."""
+    model.config._name_or_path = base_model_id
+    model.name_or_path = base_model_id
 
 
 def _forget_gguf_quantization(model) -> None:

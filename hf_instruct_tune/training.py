@@ -15,7 +15,7 @@ from .config import TrainConfig
 from .data import DataSource
 from .errors import InputError, InstructTuneError
 from .formatters import get_formatter
-from .models import load_base_model, load_tokenizer, resolve_model
+from .models import load_base_model, load_tokenizer, name_base_model, resolve_model
 from .templating import get_template
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def _load_model(config: TrainConfig, spec, backend: str):
                                      gguf_file=spec.gguf_file, trust_remote_code=config.trust_remote_code,
                                      max_seq_length=config.max_length)
         if spec.base_model_id:
-            model.config._name_or_path = spec.base_model_id
+            name_base_model(model, spec.base_model_id)
         model = add_lora(model, backend=backend, r=config.lora_r, lora_alpha=config.lora_alpha,
                          lora_dropout=config.lora_dropout, target_modules=config.target_modules,
                          gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
