@@ -133,3 +133,21 @@ def test_token_is_never_written_or_printed(hub_server, adapter, tmp_path, capsys
         for path in root.rglob("*"):
             if path.is_file():
                 assert needle not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("recorded", ["HuggingFaceTB/SmolLM2-135M-Instruct", None])
+def test_uploaded_adapter_config_names_no_local_path(hub_server, adapter, recorded):
+    import json
+
+    from hf_instruct_tune.metadata import TrainingMetadata
+
+    config_path = adapter / "adapter_config.json"
+    local_base = str(adapter.parent)  # an existing local folder, as when the base was loaded from disk
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "base_model_name_or_path": local_base}))
+    metadata = TrainingMetadata.load(adapter)
+    metadata.base_model = recorded
+    metadata.save(adapter)
+    assert upload(hub_server, "alice/portable", str(adapter)) == 0
+    uploaded = json.loads(open(hf_hub_download("alice/portable", "adapter_config.json")).read())
+    assert uploaded["base_model_name_or_path"] == recorded
+    assert json.loads(config_path.read_text())["base_model_name_or_path"] == local_base  # the folder is untouched

@@ -139,8 +139,9 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
             skip = set(CARD_FILES) if regenerate else set()
             for path in _collect_files(folder, include, exclude, skip):
                 name = path.relative_to(folder).as_posix()
+                content = _portable_adapter_config(path) if path.name == "adapter_config.json" else None
                 operations.append(CommitOperationAdd(path_in_repo=f"{prefix}/{name}" if prefix else name,
-                                                     path_or_fileobj=str(path)))
+                                                     path_or_fileobj=content if content is not None else str(path)))
             if regenerate:
                 operations += _card_operations(folder, Path(scratch), repo_id, prefix)
         if not operations:
@@ -157,6 +158,28 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
             raise _publish_error(error, repo_id, endpoint, token) from None
     logger.info("Pushed %d file(s) to %s", len(operations), info.pr_url or info.commit_url)
     return info
+
+
+def _portable_adapter_config(path: Path) -> bytes | None:
+    """The adapter config with a local base-model path replaced by the recorded Hub id (or removed).
+
+    ``None`` when the file needs no change. A local path would be useless, and private, on the Hub.
+    """
+    import json
+
+    from .card import is_hub_id
+
+    config = json.loads(path.read_text(encoding="utf-8"))
+    base = config.get("base_model_name_or_path")
+    if not base or is_hub_id(base):
+        return None
+    recorded = None
+    if (path.parent / METADATA_FILE_NAME).is_file():
+        from ..metadata import TrainingMetadata
+
+        recorded = TrainingMetadata.load(path.parent).base_model
+    config["base_model_name_or_path"] = recorded if is_hub_id(recorded) else None
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")
 
 
 def _card_operations(folder: Path, scratch: Path, repo_id: str, prefix: str) -> list:
