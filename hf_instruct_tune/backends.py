@@ -165,8 +165,11 @@ def add_lora(
     target_modules: tuple[str, ...] | list[str] = LORA_TARGETS,
     gradient_checkpointing: bool = True,
     seed: int = 0,
+    use_rslora: bool = False,
 ) -> Any:
     """Wrap ``model`` with LoRA adapters for the backend it was loaded with.
+
+    ``use_rslora`` scales the adapters by ``alpha / sqrt(r)`` instead of ``alpha / r`` (rank-stabilized LoRA).
 
     Unsloth: ``FastLanguageModel.get_peft_model`` with its offloaded checkpointing (``"unsloth"``).
     transformers: ``peft.get_peft_model``. The frozen base keeps its dtype (no fp32 upcast of embeddings and
@@ -179,7 +182,7 @@ def add_lora(
 
         return FastLanguageModel.get_peft_model(
             model, r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-            target_modules=list(target_modules), random_state=seed,
+            target_modules=list(target_modules), random_state=seed, use_rslora=use_rslora,
             use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
     from peft import LoraConfig, get_peft_model
 
@@ -189,7 +192,7 @@ def add_lora(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias="none",
-                        target_modules=list(target_modules), task_type="CAUSAL_LM")
+                        target_modules=list(target_modules), task_type="CAUSAL_LM", use_rslora=use_rslora)
     return get_peft_model(model, config)
 
 

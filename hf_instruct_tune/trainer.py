@@ -152,6 +152,7 @@ class InstructTrainer(SFTTrainer):
             config = next(iter(peft_config.values()))
             targets = config.target_modules
             metadata.lora = {"r": config.r, "alpha": config.lora_alpha, "dropout": config.lora_dropout,
+                             "rslora": bool(getattr(config, "use_rslora", False)),
                              "target_modules": sorted(targets) if isinstance(targets, (set, list)) else targets}
         args = self.args
         metadata.training = {

@@ -120,14 +120,16 @@ def _load_model(config: TrainConfig, spec, backend: str):
             name_base_model(model, spec.base_model_id)
         model = add_lora(model, backend=backend, r=config.lora_r, lora_alpha=config.lora_alpha,
                          lora_dropout=config.lora_dropout, target_modules=config.target_modules,
-                         gradient_checkpointing=config.gradient_checkpointing, seed=config.seed)
+                         gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
+                         use_rslora=config.rslora)
         return model, None
     from peft import LoraConfig
 
     model = load_base_model(spec, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
                             allow_pickle=config.allow_pickle)
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                             target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM")
+                             target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
+                             use_rslora=config.rslora)
     return model, peft_config
 
 
