@@ -170,6 +170,11 @@ class DataSource:
         raise InputError("the dataset is empty: it has no rows", source=self.display)
 
 
+def row_error(error: FieldError | ExampleError, source: str, location: str) -> InputError:
+    """The error for a row that a formatter or the encoder refused, with its file, row and field."""
+    return InputError(error.message, source=source, location=location, field=error.field)
+
+
 @dataclass
 class TokenizedData:
     """The tokenized training set and what happened on the way."""
@@ -202,8 +207,7 @@ def tokenize_source(source: DataSource, formatter: Callable[[Mapping], dict], en
             try:
                 encoded = encoder.encode(formatter(row))
             except (FieldError, ExampleError) as error:
-                message = error.message if isinstance(error, FieldError) else str(error)
-                raise InputError(message, source=source.display, location=location, field=error.field) from None
+                raise row_error(error, source.display, location) from None
             if stats["rows"] % _PROGRESS_EVERY == 0:
                 logger.info("Tokenized %d rows of %s", stats["rows"], source.display)
             if encoded is None:

@@ -32,6 +32,7 @@ class ExampleError(ValueError):
     """An example cannot be encoded; ``field`` names the culprit. The caller adds the file and row."""
 
     def __init__(self, message: str, field: str | None = None):
+        self.message = message
         self.field = field
         super().__init__(message)
 

@@ -12,7 +12,7 @@ from typing import Any
 from trl import SFTConfig, SFTTrainer
 
 from .collator import EOSSafeCollator
-from .data import DataSource, TokenizedData, tokenize_source
+from .data import DataSource, tokenize_source
 from .errors import InputError
 from .formatters import detect_formatter, get_formatter
 from .language import guess_language

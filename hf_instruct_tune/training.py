@@ -12,7 +12,7 @@ from pathlib import Path
 from .checkpoints import (CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint,
                           remove_incomplete_checkpoints, replace_directory)
 from .config import TrainConfig
-from .data import DataSource
+from .data import DataSource, row_error
 from .errors import InputError, InstructTuneError
 from .formatters import get_formatter
 from .models import load_base_model, load_tokenizer, name_base_model, resolve_model
@@ -166,8 +166,7 @@ def _check_data(source: DataSource, formatter_name: str | None, template, tokeni
             if index == 0:
                 encoder.encode(example)
         except (FieldError, ExampleError) as error:
-            message = error.message if isinstance(error, FieldError) else str(error)
-            raise InputError(message, source=source.display, location=location, field=error.field) from None
+            raise row_error(error, source.display, location) from None
     return name, template
 
 

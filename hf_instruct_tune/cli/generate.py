@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _requests(args) -> tuple[list[dict], list[list[dict]]]:
     """The rows and conversations to answer, all checked before the model loads."""
-    from ..data import DataSource
+    from ..data import DataSource, row_error
     from ..errors import InputError
     from ..formatters import FieldError, detect_formatter
     from ..generation import prompt_messages
@@ -81,7 +81,7 @@ def _requests(args) -> tuple[list[dict], list[list[dict]]]:
         try:
             conversations.append(prompt_messages(row, formatter))
         except FieldError as error:
-            raise InputError(error.message, source=source.display, location=location, field=error.field) from None
+            raise row_error(error, source.display, location) from None
         rows.append(dict(row))
     if not rows:
         raise InputError("the dataset is empty: it has no rows", source=source.display)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from itertools import islice
 
 EXAMPLES = """examples:
   hf-instruct-tune inspect --data examples/dataset.json --template alpaca-zh --rows 2
@@ -33,7 +31,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..data import DataSource
+    from ..data import DataSource, row_error
     from ..errors import InputError
     from ..formatters import FieldError, detect_formatter, get_formatter
     from ..inspection import inspect_example, length_stats, render_tokens
@@ -56,8 +54,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             report = inspect_example(encoder, format_row(row), location)
         except (FieldError, ExampleError) as error:
-            message = error.message if isinstance(error, FieldError) else str(error)
-            raise InputError(message, source=source.display, location=location, field=error.field) from None
+            raise row_error(error, source.display, location) from None
         dropped += report.dropped
         failed += not report.ok
         lengths.append(len(report.input_ids))
