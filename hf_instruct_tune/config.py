@@ -15,6 +15,7 @@ from .errors import InputError, did_you_mean
 from .models import DEFAULT_MODEL
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DEFAULT_MAX_STEPS = 60
 _SECRET_KEYS = {"token", "hf_token", "hub_token", "api_key", "password"}
 
 
@@ -38,8 +39,9 @@ class TrainConfig:
         "Hub id of the base model, for the model card, when --model is a local path."))
     dataset_name: str | None = field(default=None, metadata=_help("Dataset name for the model card."))
     eval_data: str | None = field(default=None, metadata=_help("Optional evaluation data, same formats as --data."))
-    max_steps: int = field(default=-1, metadata=_help("Optimizer steps; -1 trains for --epochs instead."))
-    epochs: float = field(default=3.0, metadata=_help("Passes over the data when --max-steps is -1."))
+    max_steps: int | None = field(default=None, metadata=_help(
+        f"Optimizer steps (default: {DEFAULT_MAX_STEPS}, or -1 when --epochs is given)."))
+    epochs: float | None = field(default=None, metadata=_help("Passes over the data; used when --max-steps is -1."))
     lr: float = field(default=2e-4, metadata=_help("Peak learning rate."))
     warmup_steps: int = field(default=5, metadata=_help("Linear warm-up steps."))
     lr_scheduler: str = field(default="linear", metadata=_help("Learning-rate schedule (transformers' names)."))
@@ -87,6 +89,12 @@ class TrainConfig:
     def __post_init__(self):
         for item in dataclasses.fields(self):
             setattr(self, item.name, _coerce(item, getattr(self, item.name)))
+        if self.max_steps is None:
+            self.max_steps = -1 if self.epochs is not None else DEFAULT_MAX_STEPS
+        if self.epochs is None:
+            self.epochs = 3.0
+        if self.epochs <= 0:
+            raise InputError(f"`epochs` should be positive, got {self.epochs}.", field="epochs")
         positive = ("batch_size", "grad_accum", "lora_r", "lora_alpha", "max_length", "logging_steps")
         for name in positive:
             if getattr(self, name) < 1:
