@@ -8,6 +8,7 @@ usage (on the GPU machine, see bench/run_gpu_bench.sh):
   python bench/gpu_bench.py make DIR                     # random-init model + Llama-3-style tokenizer
   python bench/gpu_bench.py train hf|unsloth DIR          # baselines: TRL SFTTrainer, padded
   python bench/gpu_bench.py train hit DIR --variants a,b  # hf_instruct_tune variants, one model load
+                                                         # (lean16_it: lean16 through InstructTrainer)
   python bench/gpu_bench.py check                         # packed varlen == padded on a tiny model (GPU)
   python bench/gpu_bench.py all DIR OUTDIR                # everything, RESULT lines -> OUTDIR/gpu_bench.json
   python bench/gpu_bench.py report JSON [BENCHMARKS.md]   # write the '## GPU' section (here, after a run)
@@ -45,6 +46,8 @@ VARIANTS = {
     "lean": (8, 2, True, "torch_varlen", 32, "cce", True),
 }
 DEFAULT_VARIANTS = "best,ckpt_all,notebook,lean16,lean"
+# the same settings, driven by hf_instruct_tune.InstructTrainer (packing=True, fused_loss=True) on pre-tokenized rows
+INSTRUCT_VARIANTS = {"lean16_it": "lean16"}
 
 
 def make(out: str) -> None:
@@ -248,6 +251,9 @@ def train_hit(path: str, variants: list[str]) -> None:
     base, _ = load_for_training(path, backend="transformers", load_in_4bit=cuda, dtype=torch.bfloat16,
                                 attn_implementation="sdpa")
     for name in variants:
+        if name in INSTRUCT_VARIANTS:
+            base = _train_instruct(base, tok, feats, name, cuda)
+            continue
         bs, ga, packed, attn, n_ckpt, loss_kind, embed_cpu = VARIANTS[name]
         if not cuda and attn == "torch_varlen":
             attn = "sdpa"
@@ -314,6 +320,68 @@ def train_hit(path: str, variants: list[str]) -> None:
             gc.collect()
             if cuda:
                 torch.cuda.empty_cache()
+
+
+def _train_instruct(base, tok, feats, name: str, cuda: bool):
+    """A variant through the package's own trainer: InstructTrainer(fused_loss=True) with args.packing=True."""
+    import gc
+
+    import torch
+    from datasets import Dataset
+
+    from hf_instruct_tune import InstructTrainer
+    from hf_instruct_tune.backends import add_lora, offload_input_embeddings
+    from hf_instruct_tune.loss import cce_available
+
+    bs, ga, packed, attn, n_ckpt, loss_kind, embed_cpu = VARIANTS[INSTRUCT_VARIANTS[name]]
+    if not cuda and attn == "torch_varlen":
+        attn = "sdpa"
+    trainer = model = None
+    try:
+        base.config._attn_implementation = attn
+        for m in base.modules():
+            if hasattr(m, "config") and hasattr(m.config, "_attn_implementation"):
+                m.config._attn_implementation = attn
+        if embed_cpu and not getattr(base, "_embed_on_cpu", False):
+            offload_input_embeddings(base)
+            base._embed_on_cpu = True
+        model = add_lora(base, backend="transformers", r=16, lora_alpha=16, gradient_checkpointing=n_ckpt > 0)
+        for i, layer in enumerate(model.get_base_model().model.layers):
+            layer.gradient_checkpointing = i < n_ckpt
+        clock = _Clock()
+
+        class Counting(InstructTrainer):
+            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+                mask = inputs.get("attention_mask")
+                clock.tokens += int(mask.sum()) if mask is not None else inputs["input_ids"].numel()
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+        cfg = _sft_config(bs, ga, gradient_checkpointing=False, packing=packed, ddp_find_unused_parameters=False)
+        trainer = Counting(model=model, args=cfg, train_dataset=Dataset.from_list(feats), processing_class=tok,
+                           fused_loss=loss_kind != "plain", callbacks=[clock.callback()])
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        trainer.train()
+        loss_used = ("cce" if cce_available(torch.device("cuda")) and cuda else "chunked") if trainer.fused_loss else "plain"
+        print("RESULT " + json.dumps(clock.result(
+            stack="hit", variant=name, trainer="InstructTrainer", rows=bs, grad_accum=ga, packed=packed, attn=attn,
+            ckpt_layers=n_ckpt, loss=loss_used, embed_cpu=embed_cpu,
+            flash_kwargs=trainer.data_collator.flash_attn_kwargs, world=trainer.accelerator.num_processes,
+            rank=trainer.accelerator.process_index)), flush=True)
+    except Exception as e:  # noqa: BLE001 - one variant failing should not hide the others
+        import traceback
+
+        traceback.print_exc()
+        print("RESULT " + json.dumps(dict(stack="hit", variant=name, error=f"{type(e).__name__}: {e}"[:300])),
+              flush=True)
+    finally:
+        trainer = model = None
+        base = _strip_lora(base)
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+    return base
 
 
 def _strip_lora(base):
@@ -403,6 +471,7 @@ def table(results: list[dict]) -> str:
             setting = (f"{r['variant']}: {'packed' if r['packed'] else 'padded'}, {r['rows']} rows x ga {r['grad_accum']},"
                        f" {r['attn']}, ckpt {r['ckpt_layers']}/32, loss {r['loss']}"
                        f"{', embeddings on CPU' if r.get('embed_cpu') else ''}"
+                       f"{', via InstructTrainer(fused_loss=True), args.packing' if r.get('trainer') else ''}"
                        f"{', DDP %d GPUs, rank %d' % (r['world'], r['rank']) if r.get('world', 1) > 1 else ''}")
         lines.append(f"| {r['stack']} | {setting} | {r['real_tokens_per_s']:,.0f} | {r['mean_step_s']:.2f} | "
                      f"{r['peak_alloc_gib']:.1f} | {r['peak_reserved_gib']:.1f} | {r['losses'][-1]:.3f} |")

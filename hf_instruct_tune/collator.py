@@ -31,6 +31,9 @@ class EOSSafeCollator:
         formatter: turns a raw row into a normalized example; see :mod:`hf_instruct_tune.formatters`.
         padding_free: concatenate the batch into one row with per-example ``position_ids`` (packed
             training with per-example attention isolation) instead of padding.
+        flash_attn_kwargs: with ``padding_free``, also return ``cu_seq_lens_q/k`` and ``max_length_q/k`` for
+            flash-attention style kernels (``flash_attention_2``, ``torch_varlen``); :class:`InstructTrainer`
+            sets it from the model's attention implementation.
         pad_to_multiple_of: round the padded length up to a multiple of this.
         padding_side: ``"right"`` (training) or ``"left"``.
     """
@@ -42,6 +45,7 @@ class EOSSafeCollator:
     pad_to_multiple_of: int | None = None
     padding_side: str = "right"
     return_tensors: str = "pt"
+    flash_attn_kwargs: bool = False
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -56,7 +60,7 @@ class EOSSafeCollator:
         if self.padding_free:
             from .packing import pack_features
 
-            return pack_features(encoded, pad_token_id=self.pad_token_id)
+            return pack_features(encoded, pad_token_id=self.pad_token_id, flash_attn_kwargs=self.flash_attn_kwargs)
         return pad_examples(encoded, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
                             padding_side=self.padding_side)
 

@@ -62,6 +62,15 @@ class TrainConfig:
     train_on_prompt: bool = field(default=False, metadata=_help("Also compute the loss on prompt tokens."))
     packing: bool = field(default=False, metadata=_help(
         "Pack several examples per row, each attending only to itself (padding-free)."))
+    fused_loss: bool = field(default=False, metadata=_help(
+        "Compute the loss from hidden states without [tokens, vocab] logits (Cut Cross-Entropy on CUDA when "
+        "installed, else chunked); same loss, much less memory on large vocabularies. Not with --backend unsloth."))
+    attn_implementation: str = field(default="auto", metadata=_help(
+        "Attention kernel. auto: with --packing on a CUDA GPU the fastest isolated one (flash_attention_2 if "
+        "installed, else torch_varlen), otherwise the model's default.",
+        choices=("auto", "sdpa", "eager", "flash_attention_2", "torch_varlen")))
+    offload_embeddings: bool = field(default=False, metadata=_help(
+        "Keep the frozen input-embedding table in CPU memory (saves ~1 GiB on Llama-3-8B); --load-in-4bit only."))
     seed: int = field(default=3407, metadata=_help("Random seed."))
     logging_steps: int = field(default=1, metadata=_help("Log the loss every N steps."))
     save_steps: int | None = field(default=None, metadata=_help("Write a checkpoint every N steps."))
@@ -105,6 +114,9 @@ class TrainConfig:
             raise InputError(f"`max_steps` should be -1 or a positive number, got {self.max_steps}.", field="max_steps")
         if self.lr <= 0:
             raise InputError(f"`lr` should be positive, got {self.lr}.", field="lr")
+        if self.offload_embeddings and not self.load_in_4bit:
+            raise InputError("`offload_embeddings` works with --load-in-4bit only (the bitsandbytes path); "
+                             "add --load-in-4bit or drop --offload-embeddings.", field="offload_embeddings")
         if not 0 <= self.lora_dropout < 1:
             raise InputError(f"`lora_dropout` should be in [0, 1), got {self.lora_dropout}.", field="lora_dropout")
 

@@ -190,6 +190,14 @@ class TokenizedData:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def is_pretokenized(data: Any) -> bool:
+    """True for an in-memory dataset with ``input_ids`` and ``labels`` columns: it is trained on as-is."""
+    if isinstance(data, (str, Path)):
+        return False
+    columns = getattr(data, "column_names", None)
+    return isinstance(columns, list) and {"input_ids", "labels"} <= set(columns)
+
+
 def tokenize_source(source: DataSource, formatter: Callable[[Mapping], dict], encoder: ExampleEncoder,
                     *, workdir: str | None = None) -> TokenizedData:
     """Format and tokenize every row of ``source`` into an Arrow-backed dataset of ``input_ids``/``labels``.

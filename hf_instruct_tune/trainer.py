@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -12,7 +13,7 @@ from typing import Any
 from trl import SFTConfig, SFTTrainer
 
 from .collator import EOSSafeCollator
-from .data import DataSource, tokenize_source
+from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
 from .formatters import detect_formatter, get_formatter
 from .language import guess_language
@@ -40,6 +41,15 @@ class InstructTrainer(SFTTrainer):
         dataset_name: the dataset's name for the model card (a Hub id makes the card link to it).
         language: language code(s) for the model card; guessed from the data when omitted.
         license: the adapter's license for the model card; never invented when omitted.
+        fused_loss: compute the loss from the final hidden states and the ``lm_head`` weight
+            (:func:`~hf_instruct_tune.loss.fused_cross_entropy`: Cut Cross-Entropy on CUDA when installed, else
+            chunked logits recomputed in backward) instead of building ``[tokens, vocab]`` logits. The same
+            loss and gradients, a fraction of the memory on large vocabularies. During ``train()`` the
+            ``lm_head`` module is replaced by ``nn.Identity`` (it is put back for saving and afterwards);
+            TRL's ``entropy`` and ``mean_token_accuracy`` metrics are not logged.
+
+    A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
+    no template, no length check): labels are -100 where no loss is taken and hold the stop token.
 
     ``args.packing=True`` or ``args.padding_free=True`` trains on packed rows with per-example attention
     isolation (see :mod:`hf_instruct_tune.packing`) instead of TRL's packing.
@@ -65,6 +75,7 @@ class InstructTrainer(SFTTrainer):
         dataset_name: str | None = None,
         language: str | list[str] | None = None,
         license: str | None = None,
+        fused_loss: bool = False,
         **kwargs: Any,
     ):
         if train_dataset is None:
@@ -75,16 +86,22 @@ class InstructTrainer(SFTTrainer):
             tokenizer.pad_token = tokenizer.eos_token
 
         source = DataSource.open(train_dataset, name=dataset_name)
-        formatter_name, format_row = _resolve_formatter(formatter, source)
-        template = get_template(template) if template is not None else get_template(
-            default_template_name(formatter_name, tokenizer))
+        if is_pretokenized(train_dataset):
+            formatter_name, format_row = "pretokenized", None
+            template = get_template(template if template is not None else "raw")
+        else:
+            formatter_name, format_row = _resolve_formatter(formatter, source)
+            template = get_template(template) if template is not None else get_template(
+                default_template_name(formatter_name, tokenizer))
         self.encoder = ExampleEncoder(tokenizer, template, max_length=args.max_length,
                                       train_on_prompt=train_on_prompt, overlong=overlong)
         self.prompt_template = template
         self.formatter_name = formatter_name
-        self.train_data = tokenize_source(source, format_row, self.encoder)
-        self.eval_data = (tokenize_source(DataSource.open(eval_dataset, name="eval_dataset"), format_row, self.encoder)
+        self.train_data = self._tokenized(train_dataset, source, format_row)
+        self.eval_data = (self._tokenized(eval_dataset, DataSource.open(eval_dataset, name="eval_dataset"), format_row)
                           if eval_dataset is not None else None)
+        self.fused_loss = fused_loss
+        self._lm_head: tuple[Any, str, Any] | None = None  # (parent module, attribute, the head) while swapped
 
         self.packing = bool(args.packing or args.padding_free)
         args.packing = False
@@ -102,6 +119,88 @@ class InstructTrainer(SFTTrainer):
             model=model, args=args, data_collator=data_collator, train_dataset=self.train_data.dataset,
             eval_dataset=self.eval_data.dataset if self.eval_data else None, processing_class=tokenizer, **kwargs,
         )
+        if self.packing and isinstance(self.data_collator, EOSSafeCollator):
+            attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+            self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
+
+    def _tokenized(self, data, source: DataSource, format_row) -> TokenizedData:
+        if is_pretokenized(data):
+            return TokenizedData(dataset=data, rows=len(data), dropped_overlong=0, truncated=0)
+        if format_row is None:
+            raise InputError("`train_dataset` is pre-tokenized (`input_ids` and `labels` columns), so "
+                             "`eval_dataset` should be too; got the columns " + ", ".join(source.columns()))
+        return tokenize_source(source, format_row, self.encoder)
+
+    # -- fused loss --------------------------------------------------------------------------------
+
+    def train(self, *args: Any, **kwargs: Any):
+        """``Trainer.train``; with ``fused_loss`` the ``lm_head`` is swapped out for its duration only."""
+        if not self.fused_loss:
+            return super().train(*args, **kwargs)
+        with self._hidden_states_out():
+            return super().train(*args, **kwargs)
+
+    @contextmanager
+    def _hidden_states_out(self) -> Iterator[None]:
+        """Replace the output head by ``nn.Identity``, so the (DDP-wrapped) forward returns hidden states."""
+        import torch
+
+        if self._lm_head is not None:  # already swapped (a nested call)
+            yield
+            return
+        self._lm_head = _find_lm_head(self.model)
+        parent, name, head = self._lm_head
+        setattr(parent, name, torch.nn.Identity())
+        try:
+            yield
+        finally:
+            setattr(parent, name, head)
+            self._lm_head = None
+
+    @contextmanager
+    def _lm_head_restored(self) -> Iterator[None]:
+        """Put the real head back for a while (saving a checkpoint in the middle of training)."""
+        if self._lm_head is None:
+            yield
+            return
+        parent, name, head = self._lm_head
+        identity = getattr(parent, name)
+        setattr(parent, name, head)
+        try:
+            yield
+        finally:
+            setattr(parent, name, identity)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """TRL's loss; with ``fused_loss`` (inside ``train()``), the fused cross-entropy from hidden states."""
+        if self._lm_head is None:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                         num_items_in_batch=num_items_in_batch)
+        import torch
+
+        from .loss import fused_cross_entropy
+
+        head = self._lm_head[2]
+        labels = inputs.pop("labels")
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        hidden = outputs.logits  # the head is an Identity: the final normed hidden states
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        config = getattr(self.model, "config", None)
+        loss = fused_cross_entropy(hidden, head.weight, labels, bias=head.bias, num_items_in_batch=num_items_in_batch,
+                                   softcap=getattr(config, "final_logit_softcapping", None),
+                                   num_processes=scale if num_items_in_batch is not None else 1)
+        mode = "train" if self.model.training else "eval"
+        if mode == "train" and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
+            local = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel(), device=labels.device)
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        if return_outputs:
+            outputs.logits = head(hidden.to(head.weight.dtype)).float()
+            return loss, outputs
+        return loss
+
+    # -- saving ------------------------------------------------------------------------------------
 
     # -- metadata ----------------------------------------------------------------------------------
 
@@ -113,7 +212,7 @@ class InstructTrainer(SFTTrainer):
         if isinstance(language, str):
             language = [language]
         example_messages, texts = None, []
-        for _, row in islice(source.rows(), 200):
+        for _, row in islice(source.rows(), 200) if format_row is not None else ():
             normalized = format_row(row)
             if "messages" in normalized:
                 if example_messages is None:
@@ -182,7 +281,8 @@ class InstructTrainer(SFTTrainer):
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the adapter (or model) and tokenizer, plus the training metadata and the prompt template."""
-        super().save_model(output_dir, _internal_call)
+        with self._lm_head_restored():
+            super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_run_files(output_dir or self.args.output_dir)
 
@@ -191,6 +291,25 @@ class InstructTrainer(SFTTrainer):
         output_dir = Path(output_dir)
         self._complete_metadata().save(output_dir)
         write_text_atomic(output_dir / TEMPLATE_FILE_NAME, self.prompt_template.source)
+
+
+VARLEN_ATTENTIONS = {"flash_attention_2", "flash_attention_3", "torch_varlen"}
+"""Attention implementations that isolate packed examples by ``cu_seq_lens`` (the collator then adds them)."""
+
+
+def _find_lm_head(model) -> tuple[Any, str, Any]:
+    """``(parent, attribute, head)`` of the model's output embedding, a plain ``nn.Linear``."""
+    import torch
+
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear:
+        raise InputError(f"`fused_loss` needs the output head to be a plain `nn.Linear`, got {type(head).__name__} "
+                         "(a LoRA on `lm_head` or a model with its own head); train with `fused_loss=False`.")
+    for name, module in model.named_modules():
+        if module is head:
+            parent_name, _, attribute = name.rpartition(".")
+            return model.get_submodule(parent_name), attribute, head
+    raise InputError("`fused_loss` could not find the output head among the model's modules.")
 
 
 def default_template_name(formatter_name: str, tokenizer) -> str:

@@ -108,16 +108,41 @@ def run_training(config: TrainConfig) -> TrainResult:
     return result
 
 
+def _attn_implementation(config: TrainConfig) -> str | None:
+    """The attention to load with: the named one, or for packed training on a CUDA GPU the fastest isolated one."""
+    import torch
+
+    from .packing import VARLEN_ATTENTION, best_attn_implementation, register_varlen_attention
+
+    if config.attn_implementation == VARLEN_ATTENTION:
+        return register_varlen_attention()
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    if config.packing and torch.cuda.is_available():
+        return best_attn_implementation()
+    return None
+
+
 def _load_model(config: TrainConfig, spec, backend: str):
     """The model to train and, for the plain transformers path, the LoRA config for the trainer to apply."""
+    if backend == "unsloth" and config.fused_loss:
+        raise InputError("Unsloth computes its own fused loss; drop --fused-loss or use --backend transformers",
+                         field="fused_loss")
+    if backend == "unsloth" and config.offload_embeddings:
+        raise InputError("--offload-embeddings works with --backend transformers only", field="offload_embeddings")
+    attn_implementation = _attn_implementation(config)
+    if attn_implementation:
+        logger.info("Attention: %s", attn_implementation)
     if backend == "unsloth" or config.load_in_4bit:
-        from .backends import add_lora, load_for_training
+        from .backends import add_lora, load_for_training, offload_input_embeddings
 
         model, _ = load_for_training(spec.load_path, backend=backend, load_in_4bit=config.load_in_4bit,
                                      gguf_file=spec.gguf_file, trust_remote_code=config.trust_remote_code,
-                                     max_seq_length=config.max_length)
+                                     max_seq_length=config.max_length, attn_implementation=attn_implementation)
         if spec.base_model_id:
             name_base_model(model, spec.base_model_id)
+        if config.offload_embeddings:
+            offload_input_embeddings(model)
         model = add_lora(model, backend=backend, r=config.lora_r, lora_alpha=config.lora_alpha,
                          lora_dropout=config.lora_dropout, target_modules=config.target_modules,
                          gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
@@ -126,7 +151,7 @@ def _load_model(config: TrainConfig, spec, backend: str):
     from peft import LoraConfig
 
     model = load_base_model(spec, dtype=config.dtype, trust_remote_code=config.trust_remote_code,
-                            allow_pickle=config.allow_pickle)
+                            allow_pickle=config.allow_pickle, attn_implementation=attn_implementation)
     peft_config = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                              target_modules=config.target_modules, bias="none", task_type="CAUSAL_LM",
                              use_rslora=config.rslora)
@@ -196,10 +221,11 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,
         processing_class=tokenizer, peft_config=peft_config, template=template, formatter=formatter or config.formatter,
         train_on_prompt=config.train_on_prompt, overlong=config.overlong, base_model_id=spec.base_model_id,
-        dataset_name=source.name, language=config.language, license=config.license,
+        dataset_name=source.name, language=config.language, license=config.license, fused_loss=config.fused_loss,
     )
     trainer.run_metadata.base_model_source = spec.source
-    trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit})
+    trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
+                                          "fused_loss": config.fused_loss})
     return trainer
 
 

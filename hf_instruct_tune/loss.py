@@ -1,0 +1,98 @@
+"""Causal-LM cross-entropy from final hidden states, without materializing ``[tokens, vocab]`` fp32 logits.
+
+With a 128k vocabulary the logits of a 16-row micro-batch take more memory than the rest of a QLoRA step.
+:func:`fused_cross_entropy` computes the same loss as transformers' ``ForCausalLMLoss`` from the hidden
+states and the ``lm_head`` weight:
+
+* ``cut_cross_entropy.linear_cross_entropy`` (Apple's Cut Cross-Entropy) when it is installed and the
+  tensors are on a CUDA device: no logits at all;
+* otherwise chunks of ``chunk_size`` tokens, each chunk's logits computed in fp32 and recomputed in backward
+  (:func:`torch.utils.checkpoint.checkpoint`), so at most one chunk of logits is alive.
+
+:class:`~hf_instruct_tune.InstructTrainer` uses it with ``fused_loss=True``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+IGNORE_INDEX = -100
+
+
+def cce_available(device: torch.device | None = None) -> bool:
+    """True when ``cut_cross_entropy`` is importable and ``device`` (default: any) is a CUDA device."""
+    if importlib.util.find_spec("cut_cross_entropy") is None:
+        return False
+    return device.type == "cuda" if device is not None else torch.cuda.is_available()
+
+
+def fused_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    num_processes: int = 1,
+    chunk_size: int = 1024,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """Mean next-token cross-entropy of ``hidden @ weight.T`` against ``labels``, normalized like transformers.
+
+    Args:
+        hidden: final (normed) hidden states ``[B, T, H]``, as the model would feed its ``lm_head``.
+        weight: the ``lm_head`` weight ``[V, H]`` (gradients flow into it if it requires them).
+        labels: ``[B, T]`` unshifted labels, -100 where no loss is taken; position ``t`` predicts ``t+1``.
+        bias: the ``lm_head`` bias, if any.
+        softcap: ``final_logit_softcapping`` (Gemma 2): logits become ``softcap * tanh(logits / softcap)``.
+        num_items_in_batch: the supervised tokens of the whole optimizer step (what ``Trainer`` passes);
+            the sum of token losses is divided by it. When None, by this batch's supervised tokens.
+        num_processes: multiplies the loss when ``num_items_in_batch`` counts the tokens of every rank
+            (``args.average_tokens_across_devices``), since DDP averages gradients across ranks.
+        chunk_size: tokens per chunk on the chunked path.
+        implementation: ``"auto"`` (cce when available on this device, else chunked), ``"cce"`` or ``"chunked"``.
+
+    Returns:
+        A scalar fp32 loss.
+    """
+    if implementation not in {"auto", "cce", "chunked"}:
+        raise ValueError(f"`implementation` should be 'auto', 'cce' or 'chunked', got {implementation!r}.")
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    y = labels[:, 1:].reshape(-1).to(h.device)
+    use_cce = implementation == "cce" or (implementation == "auto" and bias is None and cce_available(h.device))
+    total = _cce_sum(h, weight, y, softcap) if use_cce else _chunked_sum(h, weight, bias, y, softcap, chunk_size)
+    if num_items_in_batch is None:
+        return total / (y != IGNORE_INDEX).sum().clamp(min=1)
+    loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
+    return loss * num_processes
+
+
+def _cce_sum(h, weight, y, softcap):
+    from cut_cross_entropy import linear_cross_entropy
+
+    return linear_cross_entropy(h, weight, y, ignore_index=IGNORE_INDEX, softcap=softcap, reduction="sum").float()
+
+
+def _logits_sum(h, weight, bias, y, softcap):
+    logits = F.linear(h, weight, bias).float()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def _chunked_sum(h, weight, bias, y, softcap, chunk_size):
+    total = h.new_zeros((), dtype=torch.float32)
+    for start in range(0, h.shape[0], chunk_size):
+        y_chunk = y[start:start + chunk_size]
+        if not (y_chunk != IGNORE_INDEX).any():
+            continue
+        total = total + checkpoint(_logits_sum, h[start:start + chunk_size], weight, bias, y_chunk, softcap,
+                                   use_reentrant=False)
+    if total.grad_fn is None and h.requires_grad:  # nothing supervised: a zero that still backpropagates
+        total = total + 0.0 * h.sum()
+    return total

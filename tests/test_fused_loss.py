@@ -1,0 +1,147 @@
+"""Fused loss: the same loss and LoRA gradients as the model's own, padded and packed; InstructTrainer(fused_loss)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+from hf_instruct_tune.collator import EOSSafeCollator, pad_examples
+from hf_instruct_tune.loss import fused_cross_entropy
+from hf_instruct_tune.packing import pack_features
+
+ROWS = [{"instruction": "hello", "output": "yes"}, {"instruction": "classify the sentiment", "output": "positive"},
+        {"instruction": "Paris is the capital of", "output": "France"}, {"instruction": "hello world", "output": "no"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from hf_instruct_tune.testing.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer(pad_is_eos=True)
+
+
+def _lora_model(tok):
+    from peft import LoraConfig, get_peft_model
+
+    from hf_instruct_tune.testing.tiny import build_tiny_model
+
+    model = build_tiny_model(tok)
+    model.config.use_cache = False
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+
+
+def _features():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for length in (9, 23, 5, 17):
+        ids = torch.randint(10, 500, (length,), generator=g).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * 3 + ids[3:]})
+    return out
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed"])
+@pytest.mark.parametrize("num_items", [None, 40])
+def test_same_loss_and_lora_gradients(tok, layout, num_items):
+    model = _lora_model(tok)
+    batch = (pad_examples(_features(), pad_token_id=tok.pad_token_id) if layout == "padded"
+             else pack_features(_features(), tok.pad_token_id))
+    reference = model(**batch, **({"num_items_in_batch": num_items} if num_items else {})).loss
+    reference.backward()
+    expected = _lora_grads(model)
+    model.zero_grad()
+
+    base = model.get_base_model()
+    head = base.lm_head
+    base.lm_head = torch.nn.Identity()
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    hidden = model(**inputs).logits
+    loss = fused_cross_entropy(hidden, head.weight, batch["labels"], num_items_in_batch=num_items, chunk_size=7,
+                               implementation="chunked")
+    loss.backward()
+    base.lm_head = head
+    assert_close(loss, reference.float(), rtol=1e-5, atol=1e-6)
+    got = _lora_grads(model)
+    assert got.keys() == expected.keys() and expected
+    for name in expected:
+        assert_close(got[name], expected[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_num_processes_scales_and_nothing_supervised_is_zero():
+    hidden = torch.randn(1, 6, 4, requires_grad=True)
+    weight = torch.randn(10, 4)
+    labels = torch.tensor([[-100, 1, 2, 3, -100, 4]])
+    one = fused_cross_entropy(hidden, weight, labels, num_items_in_batch=8)
+    assert_close(fused_cross_entropy(hidden, weight, labels, num_items_in_batch=8, num_processes=2), 2 * one)
+    none = fused_cross_entropy(hidden, weight, torch.full_like(labels, -100))
+    none.backward()
+    assert none.item() == 0.0 and hidden.grad is not None
+
+
+def test_collator_adds_flash_kwargs_when_asked(tok):
+    batch = EOSSafeCollator(pad_token_id=tok.pad_token_id, padding_free=True, flash_attn_kwargs=True)(_features())
+    assert batch["cu_seq_lens_q"].tolist() == [0, 9, 32, 37, 54] and batch["max_length_q"] == 23
+    assert "cu_seq_lens_q" not in EOSSafeCollator(pad_token_id=tok.pad_token_id, padding_free=True)(_features())
+
+
+def _run(tok, tmp_path, *, fused, packing, train_dataset=None):
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from hf_instruct_tune.testing.tiny import build_tiny_model
+    from hf_instruct_tune.trainer import InstructTrainer
+
+    args = SFTConfig(output_dir=str(tmp_path / f"out-{fused}"), max_steps=2, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
+                     learning_rate=1e-2, max_length=128, seed=0, dataloader_num_workers=0, packing=packing)
+    trainer = InstructTrainer(build_tiny_model(tok), args, train_dataset=train_dataset or Dataset.from_list(ROWS * 2),
+                              processing_class=tok, fused_loss=fused,
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, losses
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_trainer_fused_loss_logs_the_same_losses(tok, tmp_path, monkeypatch, packing):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _, plain = _run(tok, tmp_path, fused=False, packing=packing)
+    trainer, fused = _run(tok, tmp_path, fused=True, packing=packing)
+    assert len(fused) == len(plain) == 2
+    assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+    head = trainer.model.get_output_embeddings()
+    assert type(head) is torch.nn.Linear and trainer._lm_head is None  # restored after train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert (tmp_path / "saved" / "adapter_model.safetensors").exists()
+
+
+def test_pretokenized_dataset_is_used_as_is(tok, tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    data = Dataset.from_list(_features() * 2)
+    trainer, losses = _run(tok, tmp_path, fused=True, packing=True, train_dataset=data)
+    assert trainer.formatter_name == "pretokenized" and len(losses) == 2
+    assert trainer.train_dataset["input_ids"][0] == _features()[0]["input_ids"]
+
+
+def test_train_config_flags():
+    from hf_instruct_tune.config import TrainConfig
+    from hf_instruct_tune.errors import InputError
+    from hf_instruct_tune.training import _attn_implementation
+
+    assert TrainConfig(fused_loss="true").fused_loss is True
+    with pytest.raises(InputError, match="offload_embeddings"):
+        TrainConfig(offload_embeddings=True)
+    with pytest.raises(InputError, match="attn_implementation"):
+        TrainConfig(attn_implementation="flash")
+    assert _attn_implementation(TrainConfig(attn_implementation="eager")) == "eager"
+    if not torch.cuda.is_available():
+        assert _attn_implementation(TrainConfig(packing=True)) is None  # the model's default on a CPU
