@@ -51,8 +51,8 @@ class TrainConfig:
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
     lora_alpha: int = field(default=16, metadata=_help("LoRA alpha (scale = alpha / r)."))
     lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
-    rslora: bool = field(default=False, metadata=_help(
-        "Rank-stabilized LoRA: scale adapters by alpha/sqrt(r) instead of alpha/r."))
+    rslora: bool = field(default=True, metadata=_help(
+        "Rank-stabilized LoRA: scale adapters by alpha/sqrt(r) instead of alpha/r (--no-rslora for alpha/r)."))
     target_modules: list[str] = field(default_factory=lambda: list(LORA_TARGETS), metadata=_help(
         "Modules that get LoRA adapters."))
     max_length: int = field(default=1024, metadata=_help("Longest example in tokens (prompt + response + stop)."))
