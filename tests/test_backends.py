@@ -90,17 +90,26 @@ def test_transformers_backend_loads_and_adds_lora(tmp_path, no_gpu):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.skipif(importlib.util.find_spec("unsloth") is None, reason="needs unsloth")
 def test_labels_identical_with_and_without_unsloth(tmp_path):
-    """Packing and labels do not depend on the backend: the same features give the same batch."""
+    """Tokenization, labels and packing are the package's own: importing Unsloth changes none of them."""
     import subprocess
     import sys
 
-    code = (
-        "import sys, json; {imp}from hf_instruct_tune.packing import pack_features; "
-        "f=[{{'input_ids':[5,6,7,2],'labels':[-100,6,7,2]}},{{'input_ids':[8,2],'labels':[8,2]}}]; "
-        "b=pack_features(f, 0, flash_attn_kwargs=True); "
-        "print(json.dumps({{k:(v.tolist() if hasattr(v,'tolist') else v) for k,v in b.items()}}))"
-    )
-    outs = [subprocess.run([sys.executable, "-c", code.format(imp=imp)], capture_output=True, text=True,
+    outs = [subprocess.run([sys.executable, "-c", LABELS_SNIPPET.format(imp=imp)], capture_output=True, text=True,
                            check=True).stdout.strip().splitlines()[-1]
             for imp in ("", "import unsloth; ")]
     assert outs[0] == outs[1]
+
+
+LABELS_SNIPPET = (
+    "import json; {imp}"
+    "from hf_instruct_tune import EOSSafeCollator, ExampleEncoder, get_formatter, get_template; "
+    "from hf_instruct_tune.testing.tiny import build_tiny_tokenizer; "
+    "tok = build_tiny_tokenizer(pad_is_eos=True); "
+    "enc = ExampleEncoder(tok, get_template('alpaca'), max_length=256); "
+    "rows = [dict(instruction='Classify', input='I like it', output='yes</s>'), dict(instruction='Say', output='no')]; "
+    "ex = [enc.encode(get_formatter('alpaca')(r)).as_dict() for r in rows]; "
+    "out = dict(encoded=ex); "
+    "out.update({{str(pf): {{k: (v.tolist() if hasattr(v, 'tolist') else v) for k, v in "
+    "EOSSafeCollator(pad_token_id=tok.pad_token_id, padding_free=pf)(ex).items()}} for pf in (False, True)}}); "
+    "print(json.dumps(out))"
+)
