@@ -119,7 +119,7 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
 
     folder = Path(folder)
     if not folder.exists():
-        raise PublishError(f"{folder}: no such file or folder. Train first ('hf-instruct-tune train ... --output "
+        raise PublishError(f"{folder}: no such file or folder. Train first ('hf-instruct-tune train ... --output-dir "
                            f"{folder}') or pass the adapter folder it wrote.")
     token = resolve_token(token)
     endpoint = resolve_endpoint(endpoint)
