@@ -62,9 +62,10 @@ class TrainConfig:
     train_on_prompt: bool = field(default=False, metadata=_help("Also compute the loss on prompt tokens."))
     packing: bool = field(default=False, metadata=_help(
         "Pack several examples per row, each attending only to itself (padding-free)."))
-    fused_loss: bool = field(default=False, metadata=_help(
-        "Compute the loss from hidden states without [tokens, vocab] logits (Cut Cross-Entropy on CUDA when "
-        "installed, else chunked); same loss, much less memory on large vocabularies. Not with --backend unsloth."))
+    fused_loss: bool | None = field(default=None, metadata=_help(
+        "Compute the loss from hidden states, with logits only at supervised positions and never all at once "
+        "(Cut Cross-Entropy on CUDA when installed, else chunked): the same loss, less memory and time. "
+        "Default: on with the transformers backend (Unsloth fuses its own)."))
     attn_implementation: str = field(default="auto", metadata=_help(
         "Attention kernel. auto: with --packing on a CUDA GPU the fastest isolated one (flash_attention_2 if "
         "installed, else torch_varlen), otherwise the model's default.",

@@ -64,6 +64,9 @@ def fused_cross_entropy(
         raise ValueError(f"`implementation` should be 'auto', 'cce' or 'chunked', got {implementation!r}.")
     h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(weight.dtype)
     y = labels[:, 1:].reshape(-1).to(h.device)
+    supervised = y != IGNORE_INDEX
+    if not supervised.all():  # only supervised positions need logits: responses are a fraction of the tokens
+        h, y = h[supervised], y[supervised]
     use_cce = implementation == "cce" or (implementation == "auto" and bias is None and cce_available(h.device))
     total = _cce_sum(h, weight, y, softcap) if use_cce else _chunked_sum(h, weight, bias, y, softcap, chunk_size)
     if num_items_in_batch is None:

@@ -123,9 +123,14 @@ def _attn_implementation(config: TrainConfig) -> str | None:
     return None
 
 
+def _fused_loss(config: TrainConfig, backend: str) -> bool:
+    """``--fused-loss`` as given, else on for the transformers backend (Unsloth fuses its own loss)."""
+    return config.fused_loss if config.fused_loss is not None else backend == "transformers"
+
+
 def _load_model(config: TrainConfig, spec, backend: str):
     """The model to train and, for the plain transformers path, the LoRA config for the trainer to apply."""
-    if backend == "unsloth" and config.fused_loss:
+    if backend == "unsloth" and config.fused_loss:  # explicitly asked for
         raise InputError("Unsloth computes its own fused loss; drop --fused-loss or use --backend transformers",
                          field="fused_loss")
     if backend == "unsloth" and config.offload_embeddings:
@@ -219,13 +224,14 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
     )
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,
-        processing_class=tokenizer, peft_config=peft_config, template=template, formatter=formatter or config.formatter,
-        train_on_prompt=config.train_on_prompt, overlong=config.overlong, base_model_id=spec.base_model_id,
-        dataset_name=source.name, language=config.language, license=config.license, fused_loss=config.fused_loss,
+        processing_class=tokenizer, peft_config=peft_config, template=template,
+        formatter=formatter or config.formatter, train_on_prompt=config.train_on_prompt, overlong=config.overlong,
+        base_model_id=spec.base_model_id, dataset_name=source.name, language=config.language,
+        license=config.license, fused_loss=_fused_loss(config, backend),
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
-                                          "fused_loss": config.fused_loss})
+                                          "fused_loss": _fused_loss(config, backend)})
     return trainer
 
 
