@@ -42,7 +42,7 @@ class AdapterGenerator:
 
         from .models import load_base_model, resolve_model
 
-        adapter_dir = Path(adapter_dir)
+        adapter_dir = _local_adapter(adapter_dir)
         if not (adapter_dir / "adapter_config.json").is_file():
             raise InputError("no adapter_config.json here; pass the folder 'hf-instruct-tune train' wrote",
                              source=str(adapter_dir))
@@ -101,6 +101,22 @@ class AdapterGenerator:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _local_adapter(adapter: str | Path) -> Path:
+    """A local adapter folder, downloading a Hub repo id (safetensors, config, tokenizer, template) when given one."""
+    path = Path(adapter)
+    if path.exists() or str(adapter).count("/") != 1:
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(adapter), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model",
+                                                                    "*.txt"]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as error:
+        raise InputError(f"neither a local folder nor a Hub repo that could be downloaded: {error}",
+                         source=str(adapter)) from None
 
 
 def _adapter_base(adapter_dir: Path) -> str | None:

@@ -267,7 +267,7 @@ def _save_final(trainer, output_dir: Path) -> None:
     (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; checkpoints keep their own copy
     (staged / "README.md").unlink(missing_ok=True)  # the generic card; this adapter's own is written below
     checkpoints = output_dir / CHECKPOINTS_DIR
-    if checkpoints.is_dir():
+    if checkpoints.is_dir() and any(checkpoints.iterdir()):
         checkpoints.rename(staged / CHECKPOINTS_DIR)
     replace_directory(staged, output_dir)
     _write_card(output_dir)

@@ -75,6 +75,21 @@ def test_upload_then_load_by_repo_id_in_fresh_process(hub_server, tiny_adapter, 
     torch.testing.assert_close(torch.load(out), local_logits)
 
 
+def test_generate_with_a_repo_id_matches_the_local_folder(hub_server, tiny_adapter, capsys):
+    base_dir, adapter_dir, _ = tiny_adapter
+    api = HfApi(endpoint=hub_server.url, token=hub_server.token)
+    api.create_repo("alice/tiny-base")
+    api.upload_folder(repo_id="alice/tiny-base", folder_path=base_dir)
+    assert main(["upload", "alice/tiny-adapter", str(adapter_dir), "--endpoint", hub_server.url,
+                 "--token", hub_server.token]) == 0
+    capsys.readouterr()
+    answers = []
+    for adapter in ("alice/tiny-adapter", str(adapter_dir)):
+        assert main(["generate", "--adapter", adapter, "--instruction", "Say yes", "--max-new-tokens", "4"]) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] and answers[0].strip()
+
+
 def test_export_merged_matches_adapter(tiny_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 
