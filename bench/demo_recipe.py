@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import resource
+import os
 import shlex
 import subprocess
 import sys
@@ -29,12 +29,16 @@ LABELS = {"积极", "中性", "消极"}
 DEMO_FLAGS = ["--data", str(TRAIN), "--template", "alpaca-zh"]
 
 
-def cli(*args: str) -> float:
-    """Run the CLI in a child process; return its wall time."""
+def cli(*args: str) -> tuple[float, float]:
+    """Run the CLI in a child process; return its wall time (s) and its own peak RSS (MiB)."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "hf_instruct_tune", *args], check=True, stdout=subprocess.DEVNULL,
-                   stderr=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    child = subprocess.Popen([sys.executable, "-m", "hf_instruct_tune", *args], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode:
+        raise subprocess.CalledProcessError(child.returncode, child.args)
+    return time.perf_counter() - start, usage.ru_maxrss / 1024
 
 
 def score(predictions: Path, *, exact: bool) -> dict:
@@ -51,9 +55,7 @@ def score(predictions: Path, *, exact: bool) -> dict:
 
 def run_recipe(name: str, flags: list[str], workdir: Path) -> dict:
     adapter = workdir / name
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    seconds = cli("train", *DEMO_FLAGS, "--output-dir", str(adapter), *flags)
-    peak_mib = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    seconds, peak_mib = cli("train", *DEMO_FLAGS, "--output-dir", str(adapter), *flags)
     results = {"name": name, "flags": " ".join(flags) or "(defaults)", "train_s": seconds, "peak_mib": peak_mib}
     for split, data in (("train", TRAIN), ("heldout", HELDOUT)):
         out = workdir / f"{name}-{split}.jsonl"
