@@ -45,13 +45,18 @@ def tiny_adapter(tmp_path):
     return base_dir, adapter_dir, logits
 
 
-def test_upload_then_load_by_repo_id_in_fresh_process(hub_server, tiny_adapter, tmp_path):
-    base_dir, adapter_dir, local_logits = tiny_adapter
+def publish(hub_server, base_dir, adapter_dir):
+    """The base as alice/tiny-base (plain upload) and the adapter as alice/tiny-adapter (the `upload` command)."""
     api = HfApi(endpoint=hub_server.url, token=hub_server.token)
     api.create_repo("alice/tiny-base")
     api.upload_folder(repo_id="alice/tiny-base", folder_path=base_dir)
     assert main(["upload", "alice/tiny-adapter", str(adapter_dir), "--endpoint", hub_server.url,
                  "--token", hub_server.token]) == 0
+
+
+def test_upload_then_load_by_repo_id_in_fresh_process(hub_server, tiny_adapter, tmp_path):
+    base_dir, adapter_dir, local_logits = tiny_adapter
+    publish(hub_server, base_dir, adapter_dir)
 
     out = tmp_path / "remote_logits.pt"
     code = textwrap.dedent(
@@ -77,11 +82,7 @@ def test_upload_then_load_by_repo_id_in_fresh_process(hub_server, tiny_adapter, 
 
 def test_generate_with_a_repo_id_matches_the_local_folder(hub_server, tiny_adapter, capsys):
     base_dir, adapter_dir, _ = tiny_adapter
-    api = HfApi(endpoint=hub_server.url, token=hub_server.token)
-    api.create_repo("alice/tiny-base")
-    api.upload_folder(repo_id="alice/tiny-base", folder_path=base_dir)
-    assert main(["upload", "alice/tiny-adapter", str(adapter_dir), "--endpoint", hub_server.url,
-                 "--token", hub_server.token]) == 0
+    publish(hub_server, base_dir, adapter_dir)
     capsys.readouterr()
     answers = []
     for adapter in ("alice/tiny-adapter", str(adapter_dir)):
