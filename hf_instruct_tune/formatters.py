@@ -80,44 +80,14 @@ _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assista
 @register_formatter("sharegpt")
 def sharegpt(row: Mapping[str, Any]) -> dict:
     """ShareGPT rows: ``conversations``, a list of ``{"from": "human"|"gpt"|"system", "value": text}``."""
-    turns = _turn_list(row, "conversations")
-    messages = []
-    for index, turn in enumerate(turns):
-        where = f"conversations[{index}]"
-        if not isinstance(turn, Mapping):
-            raise FieldError(where, f"expected an object with 'from' and 'value', got {type(turn).__name__}")
-        speaker = text_field(turn, "from") if "from" in turn else None
-        if speaker is None:
-            raise FieldError(f"{where}.from", f"missing; the turn has {sorted(turn)}")
-        role = _SHAREGPT_ROLES.get(speaker.lower())
-        if role is None:
-            raise FieldError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of {sorted(_SHAREGPT_ROLES)}")
-        try:
-            content = text_field(turn, "value")
-        except FieldError as error:
-            raise FieldError(f"{where}.{error.field}", error.message) from None
-        messages.append({"role": role, "content": content})
-    return {"messages": _checked_conversation(messages, "conversations")}
+    return {"messages": _conversation(row, "conversations", "from", "value", _SHAREGPT_ROLES, "speaker",
+                                      fold_case=True)}
 
 
 @register_formatter("messages")
 def messages(row: Mapping[str, Any]) -> dict:
     """OpenAI-style rows: ``messages``, a list of ``{"role": "system"|"user"|"assistant", "content": text}``."""
-    turns = _turn_list(row, "messages")
-    normalized = []
-    for index, turn in enumerate(turns):
-        where = f"messages[{index}]"
-        if not isinstance(turn, Mapping):
-            raise FieldError(where, f"expected an object with 'role' and 'content', got {type(turn).__name__}")
-        try:
-            role = text_field(turn, "role")
-            content = text_field(turn, "content")
-        except FieldError as error:
-            raise FieldError(f"{where}.{error.field}", error.message) from None
-        if role not in {"system", "user", "assistant"}:
-            raise FieldError(f"{where}.role", f"unknown role {role!r}; expected system, user or assistant")
-        normalized.append({"role": role, "content": content})
-    return {"messages": _checked_conversation(normalized, "messages")}
+    return {"messages": _conversation(row, "messages", "role", "content", _MESSAGE_ROLES, "role")}
 
 
 @register_formatter("prompt_completion")
@@ -131,6 +101,30 @@ def prompt_completion(row: Mapping[str, Any]) -> dict:
 def text(row: Mapping[str, Any]) -> dict:
     """Already-formatted ``text``: trained as a whole, with the stop token appended once."""
     return {"text": text_field(row, "text")}
+
+
+_MESSAGE_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+
+
+def _conversation(row: Mapping[str, Any], field: str, role_key: str, content_key: str, roles: dict[str, str],
+                  role_name: str, *, fold_case: bool = False) -> list[dict]:
+    """Normalize a list of turns; errors name the turn, e.g. ``conversations[2].value``."""
+    messages = []
+    for index, turn in enumerate(_turn_list(row, field)):
+        where = f"{field}[{index}]"
+        if not isinstance(turn, Mapping):
+            raise FieldError(where, f"expected an object with '{role_key}' and '{content_key}', "
+                                    f"got {type(turn).__name__}")
+        try:
+            speaker = text_field(turn, role_key)
+            content = text_field(turn, content_key)
+        except FieldError as error:
+            raise FieldError(f"{where}.{error.field}", error.message) from None
+        role = roles.get(speaker.lower() if fold_case else speaker)
+        if role is None:
+            raise FieldError(f"{where}.{role_key}", f"unknown {role_name} {speaker!r}; expected one of {sorted(roles)}")
+        messages.append({"role": role, "content": content})
+    return _checked_conversation(messages, field)
 
 
 def _turn_list(row: Mapping[str, Any], field: str) -> Sequence:
