@@ -307,11 +307,7 @@ def train_hit(path: str, variants: list[str]) -> None:
                                                       world=trainer.accelerator.num_processes,
                                                       rank=trainer.accelerator.process_index)), flush=True)
         except Exception as e:  # noqa: BLE001 - one variant failing should not hide the others
-            import traceback
-
-            traceback.print_exc()
-            print("RESULT " + json.dumps(dict(stack="hit", variant=name, error=f"{type(e).__name__}: {e}"[:300])),
-                  flush=True)
+            _report_failure(name, e)
         finally:
             trainer = model = None
             base = _strip_lora(base)
@@ -370,11 +366,7 @@ def _train_instruct(base, tok, feats, name: str, cuda: bool):
             flash_kwargs=trainer.data_collator.flash_attn_kwargs, world=trainer.accelerator.num_processes,
             rank=trainer.accelerator.process_index)), flush=True)
     except Exception as e:  # noqa: BLE001 - one variant failing should not hide the others
-        import traceback
-
-        traceback.print_exc()
-        print("RESULT " + json.dumps(dict(stack="hit", variant=name, error=f"{type(e).__name__}: {e}"[:300])),
-              flush=True)
+        _report_failure(name, e)
     finally:
         trainer = model = None
         base = _strip_lora(base)
@@ -382,6 +374,15 @@ def _train_instruct(base, tok, feats, name: str, cuda: bool):
         if cuda:
             torch.cuda.empty_cache()
     return base
+
+
+def _report_failure(variant: str, error: Exception) -> None:
+    """Print the traceback and a RESULT line with the error, so one failing variant does not hide the others."""
+    import traceback
+
+    traceback.print_exc()
+    print("RESULT " + json.dumps(dict(stack="hit", variant=variant, error=f"{type(error).__name__}: {error}"[:300])),
+          flush=True)
 
 
 def _strip_lora(base):
