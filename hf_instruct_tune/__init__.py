@@ -13,6 +13,8 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "InstructTrainer": "trainer",
+    "InstructConfig": "arguments",
+    "load_model": "models",
     "EOSSafeCollator": "collator",
     "ExampleEncoder": "tokenization",
     "EncodedExample": "tokenization",
@@ -44,6 +46,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
+    from .arguments import InstructConfig
     from .collator import EOSSafeCollator
     from .config import TrainConfig
     from .data import DataSource, tokenize_source
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from .generation import AdapterGenerator
     from .hub.push import push_adapter
     from .metadata import TrainingMetadata
+    from .models import load_model
     from .packing import pack_features
     from .templating import PromptTemplate, get_template, register_template
     from .tokenization import EncodedExample, ExampleEncoder

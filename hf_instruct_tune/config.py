@@ -62,6 +62,10 @@ class TrainConfig:
     train_on_prompt: bool = field(default=False, metadata=_help("Also compute the loss on prompt tokens."))
     packing: bool = field(default=False, metadata=_help(
         "Pack several examples per row, each attending only to itself (padding-free)."))
+    prefix_sharing: bool | None = field(default=None, metadata=_help(
+        "Compute the token prefixes that rows of a micro-batch share (a preamble, a system prompt) once: the same "
+        "loss and gradients, less work. Default: on where it pays (attention that takes a mask: sdpa, eager, "
+        "flex_attention); on CPU the micro-batches of a step are then merged into one when they fit."))
     fused_loss: bool | None = field(default=None, metadata=_help(
         "Compute the loss from hidden states, with logits only at supervised positions and never all at once "
         "(Cut Cross-Entropy on CUDA when installed, else chunked): the same loss, less memory and time. "
@@ -120,6 +124,20 @@ class TrainConfig:
                              "add --load-in-4bit or drop --offload-embeddings.", field="offload_embeddings")
         if not 0 <= self.lora_dropout < 1:
             raise InputError(f"`lora_dropout` should be in [0, 1), got {self.lora_dropout}.", field="lora_dropout")
+
+
+# Options that say where things are or what to do with the result, rather than how to train.
+_NOT_HYPERPARAMETERS = {"data", "model", "output_dir", "formatter", "template", "base_model_id", "dataset_name",
+                        "eval_data", "resume", "overwrite", "push_to", "private", "endpoint", "num_processes",
+                        "language", "license", "save_steps", "save_total_limit", "logging_steps", "trust_remote_code",
+                        "allow_pickle"}
+
+
+def changed_options(config: TrainConfig) -> dict[str, Any]:
+    """The training settings of ``config`` that differ from ``train``'s defaults, by option name."""
+    defaults = TrainConfig()
+    return {item.name: getattr(config, item.name) for item in dataclasses.fields(TrainConfig)
+            if item.name not in _NOT_HYPERPARAMETERS and getattr(config, item.name) != getattr(defaults, item.name)}
 
 
 def _coerce(item: dataclasses.Field, value: Any) -> Any:

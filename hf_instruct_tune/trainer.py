@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Mapping
@@ -10,16 +11,22 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+from transformers import Trainer
 from trl import SFTConfig, SFTTrainer
 
+from .backends import offload_input_embeddings
 from .collator import EOSSafeCollator
+from .prefix_sharing import (MASK_ATTENTIONS, SharingStats, attention_tokens_for, merged_micro_batches,
+                             shared_prefix_loss)
 from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
-from .formatters import detect_formatter, get_formatter
 from .language import guess_language
+from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer
 from .metadata import TrainingMetadata, framework_versions, write_text_atomic
 from .templating import TEMPLATE_FILE_NAME, PromptTemplate, get_template
-from .tokenization import ExampleEncoder
+from .chat_encoding import encoder_for
+from .chat_template import ChatTemplate
+from .recipe import default_template_name, resolve_recipe  # noqa: F401  (default_template_name: public name)
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +37,11 @@ class InstructTrainer(SFTTrainer):
     It takes every ``SFTTrainer`` argument, plus:
 
     Args:
-        template: a registered template name (``"alpaca"``, ``"alpaca-zh"``, ``"llama-3"``, ``"chatml"``, ...),
-            a path to a ``.jinja`` file, or a :class:`~hf_instruct_tune.templating.PromptTemplate`.
-            Default: ``alpaca`` for instruction data, the chat format whose stop token the tokenizer knows
-            for conversations.
+        template: ``"model"`` (the tokenizer's own ``chat_template``; ``"model:NAME"`` for a named one), a
+            registered template name (``"alpaca"``, ``"alpaca-zh"``, ``"llama-3"``, ``"chatml"``, ...), a path to a
+            ``.jinja`` file, or a :class:`~hf_instruct_tune.templating.PromptTemplate`. Default: ``"model"`` for
+            conversations and prompt/completion rows when the tokenizer has a chat template, ``alpaca`` for
+            Alpaca rows (see :mod:`hf_instruct_tune.recipe`).
         formatter: a registered formatter name or a callable; detected from the columns when omitted.
         train_on_prompt: also compute the loss on prompt tokens (default: responses only).
         overlong: ``"drop"`` rows longer than ``args.max_length`` (default) or ``"truncate"`` their responses.
@@ -47,6 +55,22 @@ class InstructTrainer(SFTTrainer):
             loss and gradients, a fraction of the memory on large vocabularies. During ``train()`` the
             ``lm_head`` module is replaced by ``nn.Identity`` (it is put back for saving and afterwards);
             TRL's ``entropy`` and ``mean_token_accuracy`` metrics are not logged.
+        memory_plan: cut each optimizer step into micro-batches and choose the layers to checkpoint, the loss
+            kernel and the input embeddings' place from the memory budget (:mod:`hf_instruct_tune.memory_plan`):
+            ``args.per_device_train_batch_size x args.gradient_accumulation_steps`` rows per process and step
+            stay the same, and so do the loss and gradients. None (default): on with a CUDA GPU or
+            ``max_memory``. The plan is logged in one line and kept as ``trainer.memory_plan``.
+        max_memory: the peak memory budget in GiB per process (default: this GPU's free memory).
+        gradient_checkpointing: True recomputes every decoder layer, False none; None (default): as many as the
+            memory plan needs (``args.gradient_checkpointing=False`` also means none), or
+            ``args.gradient_checkpointing`` without a plan.
+        offload_embeddings: keep the frozen input-embedding table in CPU memory (True), on the device
+            (False), or as the plan decides (None).
+        prefix_sharing: compute the token prefixes that rows of a micro-batch share once
+            (:mod:`hf_instruct_tune.prefix_sharing`): the same loss and gradients, less work. None (default): on
+            when the model's attention takes an explicit mask (``sdpa``, ``eager``, ``flex_attention``), for the
+            micro-batches where it costs clearly less. On CPU it also merges the micro-batches of a step into one
+            when they fit 16k tokens (same rows per step, same loss). The log says how many tokens it saved.
 
     A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
     no template, no length check): labels are -100 where no loss is taken and hold the stop token.
@@ -55,7 +79,12 @@ class InstructTrainer(SFTTrainer):
     isolation (see :mod:`hf_instruct_tune.packing`) instead of TRL's packing.
 
     Saving (``save_model``, checkpoints) also writes ``hf_instruct_tune.json`` (training metadata) and
-    ``prompt_template.jinja`` (the exact template) next to the adapter.
+    ``prompt_template.jinja`` (the exact template) next to the adapter; ``save_model()`` and
+    ``create_model_card()`` write the package's model card (``README.md``, ``loss_curve.png``), and
+    ``push_to_hub()`` publishes all of it in one commit, as ``hf-instruct-tune upload`` does.
+
+    Warm-up is capped at a tenth of the run (``args.warmup_steps`` of 5 on a 10-step run gives 1), and the log
+    says how many steps it took.
     """
 
     def __init__(
@@ -67,7 +96,7 @@ class InstructTrainer(SFTTrainer):
         eval_dataset: Any = None,
         processing_class: Any = None,
         *,
-        template: str | Path | PromptTemplate | None = None,
+        template: str | Path | PromptTemplate | ChatTemplate | None = None,
         formatter: str | Callable[[Mapping], dict] | None = None,
         train_on_prompt: bool = False,
         overlong: str = "drop",
@@ -75,12 +104,20 @@ class InstructTrainer(SFTTrainer):
         dataset_name: str | None = None,
         language: str | list[str] | None = None,
         license: str | None = None,
-        fused_loss: bool = False,
+        fused_loss: bool | None = None,
+        prefix_sharing: bool | None = None,
+        memory_plan: bool | None = None,
+        max_memory: float | None = None,
+        gradient_checkpointing: bool | None = None,
+        offload_embeddings: bool | None = None,
         **kwargs: Any,
     ):
         if train_dataset is None:
             raise InputError("InstructTrainer needs a `train_dataset` (raw rows: it formats and tokenizes them).")
-        args = args if args is not None else SFTConfig(output_dir="outputs")
+        if args is None:
+            from .arguments import InstructConfig
+
+            args = InstructConfig(output_dir="outputs")
         tokenizer = processing_class if processing_class is not None else _tokenizer_for(model)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -90,26 +127,33 @@ class InstructTrainer(SFTTrainer):
             formatter_name, format_row = "pretokenized", None
             template = get_template(template if template is not None else "raw")
         else:
-            formatter_name, format_row = _resolve_formatter(formatter, source)
-            template = get_template(template) if template is not None else get_template(
-                default_template_name(formatter_name, tokenizer))
-        self.encoder = ExampleEncoder(tokenizer, template, max_length=args.max_length,
-                                      train_on_prompt=train_on_prompt, overlong=overlong)
+            recipe = resolve_recipe(source, tokenizer, formatter=formatter, template=template)
+            formatter_name, format_row, template = recipe.formatter_name, recipe.format_row, recipe.template
+        self.encoder = encoder_for(tokenizer, template, max_length=args.max_length,
+                                   train_on_prompt=train_on_prompt, overlong=overlong)
         self.prompt_template = template
         self.formatter_name = formatter_name
         self.train_data = self._tokenized(train_dataset, source, format_row)
         self.eval_data = (self._tokenized(eval_dataset, DataSource.open(eval_dataset, name="eval_dataset"), format_row)
                           if eval_dataset is not None else None)
-        self.fused_loss = fused_loss
+        self.fused_loss = bool(fused_loss)
         self._lm_head: tuple[Any, str, Any] | None = None  # (parent module, attribute, the head) while swapped
 
         self.packing = bool(args.packing or args.padding_free)
         args.packing = False
         args.padding_free = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
+        self.prefix_sharing = _prefix_sharing_wanted(prefix_sharing, model)
+        self.sharing_stats = SharingStats()
+        if self.prefix_sharing:
+            _merge_cpu_micro_batches(args, self.train_data.dataset)
+        self.memory_plan = self._plan_memory(model, args, kwargs.get("peft_config"), memory_plan, max_memory,
+                                             Fixed(gradient_checkpointing, fused_loss, offload_embeddings))
         if data_collator is None:
             data_collator = EOSSafeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=self.packing,
-                                            pad_to_multiple_of=args.pad_to_multiple_of)
+                                            pad_to_multiple_of=args.pad_to_multiple_of,
+                                            prefix_sharing=self.prefix_sharing,
+                                            attention_tokens=attention_tokens_for(model))
         else:
             warnings.warn("A custom `data_collator` replaces the EOS-safe collator; its labels are yours to check.",
                           stacklevel=2)
@@ -122,6 +166,33 @@ class InstructTrainer(SFTTrainer):
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
             attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
+        if self.memory_plan is not None:
+            apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
+
+    def _plan_memory(self, model, args, peft_config, wanted: bool | None, max_memory: float | None,
+                     fixed: Fixed) -> MemoryPlan | None:
+        """Plan the steps (see ``memory_plan``) and set ``args`` and the model up for it; None when off."""
+        import torch
+
+        if fixed.checkpointing is None and args.gradient_checkpointing is False:
+            fixed = dataclasses.replace(fixed, checkpointing=False)
+        on = wanted if wanted is not None else (max_memory is not None or torch.cuda.is_available())
+        if not on or isinstance(model, str):
+            if fixed.checkpointing is not None:
+                args.gradient_checkpointing = fixed.checkpointing
+            if fixed.embeddings_on_cpu and not isinstance(model, str):
+                offload_input_embeddings(model)
+            return None
+        plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
+                                max_memory=max_memory, fixed=fixed)
+        args.per_device_train_batch_size = plan.micro_batch
+        args.gradient_accumulation_steps = plan.grad_accum
+        args.gradient_checkpointing = False  # the plan's layers are set after PEFT wraps the model
+        if plan.embeddings_on_cpu:
+            offload_input_embeddings(model)
+        self.fused_loss = plan.fused_loss
+        logger.info(plan.describe())
+        return plan
 
     def _tokenized(self, data, source: DataSource, format_row) -> TokenizedData:
         if is_pretokenized(data):
@@ -136,9 +207,23 @@ class InstructTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; with ``fused_loss`` the ``lm_head`` is swapped out for its duration only."""
         if not self.fused_loss:
-            return super().train(*args, **kwargs)
-        with self._hidden_states_out():
-            return super().train(*args, **kwargs)
+            result = super().train(*args, **kwargs)
+        else:
+            with self._hidden_states_out():
+                result = super().train(*args, **kwargs)
+        if self.sharing_stats.batches and self.is_world_process_zero():
+            logger.info(self.sharing_stats.summary())
+        return result
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """Evaluation batches are laid out as usual (TRL's metrics read their logits row by row)."""
+        collator = self.data_collator
+        if isinstance(collator, EOSSafeCollator) and collator.prefix_sharing:
+            self.data_collator = dataclasses.replace(collator, prefix_sharing=False)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
 
     @contextmanager
     def _hidden_states_out(self) -> Iterator[None]:
@@ -173,6 +258,8 @@ class InstructTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss; with ``fused_loss`` (inside ``train()``), the fused cross-entropy from hidden states."""
+        if "loss_positions" in inputs:
+            return self._shared_prefix_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._lm_head is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                          num_items_in_batch=num_items_in_batch)
@@ -200,7 +287,32 @@ class InstructTrainer(SFTTrainer):
             return loss, outputs
         return loss
 
-    # -- saving ------------------------------------------------------------------------------------
+    def _shared_prefix_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        config = getattr(self.model, "config", None)
+        loss, outputs = shared_prefix_loss(
+            model, inputs, head=self._lm_head[2] if self._lm_head is not None else None,
+            softcap=getattr(config, "final_logit_softcapping", None), num_items_in_batch=num_items_in_batch,
+            num_processes=scale if num_items_in_batch is not None else 1, stats=self.sharing_stats)
+        if self.model.training and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
+            local = inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
+            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+            self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    # -- schedule ----------------------------------------------------------------------------------
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """TRL's scheduler, with the warm-up capped at a tenth of the run so short runs train from step 1."""
+        if self.lr_scheduler is None:
+            asked = self.args.get_warmup_steps(num_training_steps)
+            used = min(asked, num_training_steps // WARMUP_FRACTION)
+            if used != asked:
+                self.args.warmup_steps = used
+            if self.is_world_process_zero():
+                capped = f" ({asked} asked; at most 1/{WARMUP_FRACTION} of the run)" if used != asked else ""
+                logger.info("Warm-up: %d of %d steps%s", used, num_training_steps, capped)
+        return super().create_scheduler(num_training_steps, optimizer)
 
     # -- metadata ----------------------------------------------------------------------------------
 
@@ -256,14 +368,17 @@ class InstructTrainer(SFTTrainer):
         args = self.args
         metadata.training = {
             **metadata.training,
-            "learning_rate": args.learning_rate, "epochs": args.num_train_epochs, "max_steps": args.max_steps,
+            "learning_rate": args.learning_rate, "max_steps": args.max_steps,
+            "epochs": args.num_train_epochs if args.max_steps <= 0 else None,  # only used when max_steps is not
             "batch_size": args.per_device_train_batch_size, "grad_accum": args.gradient_accumulation_steps,
             "world_size": args.world_size, "max_length": args.max_length, "seed": args.seed,
             "lr_scheduler": str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)),
             "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optimizer": str(
                 getattr(args.optim, "value", args.optim)), "packing": self.packing,
             "train_on_prompt": self.encoder.train_on_prompt, "overlong": self.encoder.overlong,
+            "prefix_sharing": self.prefix_sharing,
         }
+        metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
         summary = next((entry for entry in reversed(self.state.log_history) if "train_runtime" in entry), {})
@@ -273,24 +388,148 @@ class InstructTrainer(SFTTrainer):
             "best_loss": min(entry["loss"] for entry in history) if history else None,
             "train_loss": summary.get("train_loss"),
             "train_runtime_s": summary.get("train_runtime"),
+            "first_loss": history[0]["loss"] if history else None,
             "global_step": self.state.global_step,
+            "epochs_done": round(self.state.epoch or 0.0, 4),
+            "rows_seen": round((self.state.epoch or 0.0) * len(self.train_data.dataset)),
             "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         }
         metadata.versions = framework_versions()
         return metadata
 
+    # -- saving ------------------------------------------------------------------------------------
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
-        """Save the adapter (or model) and tokenizer, plus the training metadata and the prompt template."""
+        """Save the adapter (or model) and tokenizer, the training metadata, the prompt template and the model card.
+
+        Checkpoints (``_internal_call``) get everything but the card.
+        """
         with self._lm_head_restored():
             super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             self.save_run_files(output_dir or self.args.output_dir)
+            if not _internal_call:
+                self._write_card(output_dir or self.args.output_dir)
+
+    def _save_checkpoint(self, model, trial):
+        # Skip TRL's generic card: a checkpoint carries the metadata, and the final save writes the real card.
+        Trainer._save_checkpoint(self, model, trial)
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
+                          tags: str | list[str] | None = None, **kwargs: Any) -> None:
+        """Write the package's model card (``README.md``, and ``loss_curve.png`` with matplotlib) to ``args.output_dir``.
+
+        The card is rendered from the run's metadata, saved alongside: the template verbatim with an example,
+        the stop token, the data's rows and SHA-256, every setting that differs from its default, the steps,
+        epochs and rows the run went through, and its losses. ``model_name``, ``dataset_name`` and ``tags``
+        are accepted for ``SFTTrainer`` compatibility; the card names the repo ``args.hub_model_id``.
+        """
+        if not self.is_world_process_zero():
+            return
+        self.save_run_files(self.args.output_dir)
+        self._write_card(self.args.output_dir)
+
+    def push_to_hub(self, commit_message: str | None = None, blocking: bool = True, token: str | None = None,
+                    revision: str | None = None, private: bool | None = None, **kwargs: Any):
+        """Save, then publish to ``args.hub_model_id`` in one commit, as ``hf-instruct-tune upload`` does.
+
+        The repo is created if needed; the adapter, tokenizer, ``prompt_template.jinja``, ``hf_instruct_tune.json``,
+        the package's card and the loss curve are uploaded together (checkpoints and pickles never). The token is
+        ``token``, ``args.hub_token``, ``HF_TOKEN`` or the saved login; the endpoint ``HF_ENDPOINT`` or the Hub.
+        Returns the ``CommitInfo`` (``None`` on other processes, and when the repo already held these files).
+        The upload always completes before returning (``blocking`` is accepted for compatibility).
+        """
+        from .hub.push import push_adapter
+
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        output_dir = Path(self.args.output_dir)
+        repo_id = self.args.hub_model_id or output_dir.resolve().name
+        self._write_card(output_dir)
+        return push_adapter(output_dir, repo_id, token=token or self.args.hub_token,
+                            private=self.args.hub_private_repo if private is None else private,
+                            revision=revision or self.args.hub_revision, commit_message=commit_message,
+                            token_hint="pass token=... to push_to_hub()")
+
+    def _write_card(self, output_dir: str | Path) -> None:
+        from .hub.card import write_card
+
+        write_card(output_dir, repo_id=self.args.hub_model_id)
+
 
     def save_run_files(self, output_dir: str | Path) -> None:
         """Write ``hf_instruct_tune.json`` and ``prompt_template.jinja`` into ``output_dir``."""
         output_dir = Path(output_dir)
         self._complete_metadata().save(output_dir)
         write_text_atomic(output_dir / TEMPLATE_FILE_NAME, self.prompt_template.source)
+
+
+# The training arguments a model card lists when they differ from their defaults.
+HYPERPARAMETER_FIELDS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "warmup_steps", "lr_scheduler_type", "lr_scheduler_kwargs", "weight_decay", "optim", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "max_grad_norm", "seed", "data_seed", "max_length", "fp16", "bf16", "gradient_checkpointing",
+    "label_smoothing_factor", "neftune_noise_alpha", "completion_only_loss", "assistant_only_loss", "loss_type",
+)
+
+
+def changed_hyperparameters(args) -> dict[str, Any]:
+    """The training arguments in :data:`HYPERPARAMETER_FIELDS` whose values differ from their class's defaults."""
+    import dataclasses
+
+    changed = {}
+    for item in dataclasses.fields(args):
+        if item.name not in HYPERPARAMETER_FIELDS:
+            continue
+        if item.default is not dataclasses.MISSING:
+            default = item.default
+        elif item.default_factory is not dataclasses.MISSING:
+            default = item.default_factory()
+        else:
+            continue
+        value = getattr(args, item.name)
+        plain = getattr(value, "value", value)
+        if default is None and item.name in ("bf16", "gradient_checkpointing"):
+            continue  # resolved from the machine, not chosen
+        if plain != getattr(default, "value", default) and not (plain in ({}, None) and default in ({}, None)):
+            changed[item.name] = plain if isinstance(plain, (int, float, str, bool, type(None))) else str(plain)
+    return changed
+
+
+WARMUP_FRACTION = 10
+"""Warm-up takes at most ``1 / WARMUP_FRACTION`` of the optimizer steps."""
+
+def _prefix_sharing_wanted(asked: bool | None, model) -> bool:
+    """``prefix_sharing`` as asked, or by default on when the model's attention takes an explicit mask."""
+    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if asked is None:
+        return attn in MASK_ATTENTIONS and not _is_unsloth(model)
+    if asked and attn not in MASK_ATTENTIONS:
+        raise InputError(f"prefix sharing needs an attention that takes an explicit mask ({', '.join(sorted(MASK_ATTENTIONS))}); "
+                         f"the model uses {attn!r}. Load it with attn_implementation='sdpa' or turn prefix sharing off.",
+                         field="prefix_sharing")
+    return bool(asked)
+
+
+def _is_unsloth(model) -> bool:
+    return "unsloth" in type(model).__module__.lower() or hasattr(model, "_unsloth_max_seq_length") or hasattr(
+        getattr(model, "config", None), "unsloth_version")
+
+
+def _merge_cpu_micro_batches(args, dataset) -> None:
+    """On CPU, one micro-batch per optimizer step when it fits (see :func:`merged_micro_batches`)."""
+    import torch
+
+    if torch.cuda.is_available() or args.world_size > 1 or args.gradient_accumulation_steps == 1:
+        return
+    longest = max((len(ids) for ids in dataset["input_ids"]), default=0)
+    batch, accum = merged_micro_batches(args.per_device_train_batch_size, args.gradient_accumulation_steps, longest)
+    if (batch, accum) != (args.per_device_train_batch_size, args.gradient_accumulation_steps):
+        logger.info("Micro-batches: %d rows x %d per step on CPU (%d x %d asked: the same rows and loss per step; "
+                    "more rows share their prefixes)", batch, accum, args.per_device_train_batch_size,
+                    args.gradient_accumulation_steps)
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = batch, accum
 
 
 VARLEN_ATTENTIONS = {"flash_attention_2", "flash_attention_3", "torch_varlen"}
@@ -310,28 +549,6 @@ def _find_lm_head(model) -> tuple[Any, str, Any]:
             parent_name, _, attribute = name.rpartition(".")
             return model.get_submodule(parent_name), attribute, head
     raise InputError("`fused_loss` could not find the output head among the model's modules.")
-
-
-def default_template_name(formatter_name: str, tokenizer) -> str:
-    """The template used when none is named: Alpaca for instruction rows, a chat format for conversations."""
-    if formatter_name in {"alpaca", "prompt_completion"}:
-        return "alpaca"
-    if formatter_name == "text":
-        return "raw"
-    vocabulary = tokenizer.get_vocab()
-    for template, token in (("chatml", "<|im_end|>"), ("llama-3", "<|eot_id|>")):
-        if token in vocabulary:
-            logger.info("Template: '%s' (the tokenizer knows its stop token %s)", template, token)
-            return template
-    raise InputError(f"no default template for '{formatter_name}' rows with this tokenizer; name one with "
-                     "--template (e.g. chatml, llama-3, or a path to a .jinja file)")
-
-
-def _resolve_formatter(formatter, source: DataSource) -> tuple[str, Callable[[Mapping], dict]]:
-    if callable(formatter):
-        return getattr(formatter, "__name__", "custom"), formatter
-    name = formatter or detect_formatter(source.columns(), source=source.display)
-    return name, get_formatter(name)
 
 
 def _tokenizer_for(model):

@@ -6,17 +6,18 @@ import errno
 import itertools
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import (CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint,
                           remove_incomplete_checkpoints, replace_directory)
-from .config import TrainConfig
+from .config import TrainConfig, changed_options
 from .data import DataSource, row_error
 from .errors import InputError, InstructTuneError
 from .formatters import get_formatter
 from .models import load_base_model, load_tokenizer, name_base_model, resolve_model
-from .templating import get_template
+from .recipe import check_template_name
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     source = DataSource.open(config.data, name=config.dataset_name)
     if config.formatter:
         get_formatter(config.formatter)
-    template = get_template(config.template) if config.template else None
+    check_template_name(config.template)
+    template = config.template
     if (output_dir / "adapter_config.json").exists() and not (config.overwrite or config.resume):
         raise InputError("already holds an adapter; pass --overwrite to replace it, --resume to continue its "
                          "checkpoints, or choose another --output-dir", source=str(output_dir), field="output_dir")
@@ -178,9 +180,10 @@ def _check_data(source: DataSource, formatter_name: str | None, template, tokeni
     Formatting is cheap next to loading a model; length checks need the trainer and come later.
     Returns the formatter name and the template (detected or defaulted as the trainer would).
     """
+    from .chat_encoding import encoder_for
     from .formatters import FieldError, detect_formatter
-    from .tokenization import ExampleEncoder, ExampleError
-    from .trainer import default_template_name
+    from .recipe import resolve_template
+    from .tokenization import ExampleError
 
     rows = source.rows()
     first = next(rows, None)
@@ -188,8 +191,8 @@ def _check_data(source: DataSource, formatter_name: str | None, template, tokeni
         raise InputError("the dataset is empty: it has no rows", source=source.display)
     name = formatter_name or detect_formatter(list(first[1]), source=source.display, location=first[0])
     format_row = get_formatter(name)
-    template = template or get_template(default_template_name(name, tokenizer))
-    encoder = ExampleEncoder(tokenizer, template)
+    template = resolve_template(template, name, tokenizer)
+    encoder = encoder_for(tokenizer, template)
     for index, (location, row) in enumerate(itertools.chain([first], rows)):
         try:
             example = format_row(row)
@@ -209,29 +212,32 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
 
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
-    args = SFTConfig(
-        output_dir=str(Path(config.output_dir) / CHECKPOINTS_DIR),
-        max_steps=config.max_steps, num_train_epochs=config.epochs, learning_rate=config.lr,
-        warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
-        per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
-        max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
-        save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-        save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
-        gradient_checkpointing=config.gradient_checkpointing and peft_config is not None,
-        optim=config.optim, packing=config.packing, per_device_eval_batch_size=config.batch_size,
-        eval_strategy="epoch" if config.eval_data else "no", dataloader_num_workers=0,
-        disable_tqdm=False, save_only_model=False,
-    )
+    with warnings.catch_warnings():  # TRL's default for a deprecated name, not a choice of the user's
+        warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+        args = SFTConfig(
+            output_dir=str(Path(config.output_dir) / CHECKPOINTS_DIR),
+            max_steps=config.max_steps, num_train_epochs=config.epochs, learning_rate=config.lr,
+            warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
+            per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
+            max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
+            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+            save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
+            gradient_checkpointing=config.gradient_checkpointing and peft_config is not None,
+            optim=config.optim, packing=config.packing, per_device_eval_batch_size=config.batch_size,
+            eval_strategy="epoch" if config.eval_data else "no", dataloader_num_workers=0,
+            disable_tqdm=False, save_only_model=False,
+        )
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,
         processing_class=tokenizer, peft_config=peft_config, template=template,
         formatter=formatter or config.formatter, train_on_prompt=config.train_on_prompt, overlong=config.overlong,
         base_model_id=spec.base_model_id, dataset_name=source.name, language=config.language,
-        license=config.license, fused_loss=_fused_loss(config, backend),
+        license=config.license, fused_loss=_fused_loss(config, backend), prefix_sharing=config.prefix_sharing,
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
-                                          "fused_loss": _fused_loss(config, backend)})
+                                          "fused_loss": _fused_loss(config, backend),
+                                          "changed": changed_options(config)})
     return trainer
 
 
@@ -265,13 +271,11 @@ def _save_final(trainer, output_dir: Path) -> None:
     if not trainer.is_world_process_zero():
         return
     (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; checkpoints keep their own copy
-    (staged / "README.md").unlink(missing_ok=True)  # the generic card; this adapter's own is written below
     checkpoints = output_dir / CHECKPOINTS_DIR
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         checkpoints.rename(staged / CHECKPOINTS_DIR)
     replace_directory(staged, output_dir)
-    _write_card(output_dir)
-    logger.info("Saved the adapter to %s", output_dir)
+    _write_card(output_dir)  # again: the card names the repo after the folder, no longer the staged one
 
 
 def _write_card(folder: Path) -> None:

@@ -39,8 +39,9 @@ def test_upload_command_pushes_adapter_and_card(hub_server, adapter, capsys):
 
 def test_pushing_twice(hub_server, adapter):
     first = push_adapter(adapter, "alice/demo", token=hub_server.token, endpoint=hub_server.url)
-    again = push_adapter(adapter, "alice/demo", token=hub_server.token, endpoint=hub_server.url)
-    assert again.oid == first.oid  # nothing changed, no empty commit
+    commits = HfApi(endpoint=hub_server.url).list_repo_commits("alice/demo")
+    assert push_adapter(adapter, "alice/demo", token=hub_server.token, endpoint=hub_server.url) is None  # unchanged
+    assert HfApi(endpoint=hub_server.url).list_repo_commits("alice/demo") == commits  # no empty commit
     (adapter / "adapter_model.safetensors").write_bytes(b"\1" * 2048)
     second = push_adapter(adapter, "alice/demo", token=hub_server.token, endpoint=hub_server.url, commit_message="v2")
     assert second.oid != first.oid
@@ -124,7 +125,7 @@ def test_token_is_never_written_or_printed(hub_server, adapter, tmp_path, capsys
     caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
     assert main(["upload", "alice/demo", str(adapter), "--endpoint", hub_server.url]) == 0
-    assert upload(hub_server, "alice/demo2", str(adapter), "--create-pr") in (0, 2)
+    assert upload(hub_server, "alice/demo2", str(adapter), "--create-pr") == 0
     assert main(["card", str(adapter)]) == 0
     captured = capsys.readouterr()
     needle = hub_server.token.encode()
@@ -151,3 +152,29 @@ def test_uploaded_adapter_config_names_no_local_path(hub_server, adapter, record
     uploaded = json.loads(open(hf_hub_download("alice/portable", "adapter_config.json")).read())
     assert uploaded["base_model_name_or_path"] == recorded
     assert json.loads(config_path.read_text())["base_model_name_or_path"] == local_base  # the folder is untouched
+
+
+def test_uploading_an_unchanged_folder_says_so_once_and_reports_no_commit(hub_server, adapter, capsys, caplog):
+    assert upload(hub_server, "alice/demo", str(adapter)) == 0
+    capsys.readouterr()
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert upload(hub_server, "alice/demo", str(adapter)) == 0
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no commit URL: there is no new commit
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("Nothing to push: alice/demo (main) already holds these" in m for m in messages) == 1, messages
+    assert not any("No files have been modified" in m or "/commit/" in m for m in messages), messages
+    assert "No files have been modified" not in captured.err
+
+
+def test_a_local_endpoint_works_in_offline_mode(hub_server, adapter, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)  # the local server speaks LFS only
+    assert upload(hub_server, "alice/offline", str(adapter)) == 0
+    assert constants.HF_HUB_OFFLINE is True and constants.HF_HUB_DISABLE_XET is False  # restored afterwards
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert "adapter_model.safetensors" in HfApi(endpoint=hub_server.url).list_repo_files("alice/offline")

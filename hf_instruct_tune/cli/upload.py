@@ -13,7 +13,7 @@ examples:
   hf-instruct-tune upload alice/smollm2-alpaca-lora out/ --private
   hf-instruct-tune upload alice/smollm2-alpaca-lora out/ --revision experiment-2
   hf-instruct-tune upload bob/shared-adapter out/ --create-pr --commit-message "Retrained on v2 data"
-  HF_ENDPOINT=http://127.0.0.1:8765 HF_HUB_DISABLE_XET=1 hf-instruct-tune upload alice/test out/   # local Hub server
+  hf-instruct-tune upload alice/test out/ --endpoint http://127.0.0.1:8765   # a local Hub server, offline too
 """
 
 
@@ -57,5 +57,6 @@ def run(args: argparse.Namespace) -> int:
         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
         include=args.include, exclude=args.exclude, path_in_repo=args.path_in_repo, card=args.card,
     )
-    print(info.pr_url or info.commit_url)
+    if info is not None:  # None: the repo already held these files, and the log said so
+        print(info.pr_url or info.commit_url)
     return 0

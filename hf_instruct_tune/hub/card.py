@@ -26,9 +26,11 @@ BASE_TAGS = ["lora", "sft", "hf-instruct-tune"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOKEN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
 _HYPERPARAMETERS = [  # (metadata key, label)
-    ("lr", "learning rate"), ("epochs", "epochs"), ("max_steps", "max steps"), ("batch_size", "batch size"),
-    ("grad_accum", "gradient accumulation"), ("max_length", "max sequence length"), ("seed", "seed"),
-    ("backend", "backend"), ("load_in_4bit", "4-bit base (QLoRA)"), ("packing", "packing"),
+    ("learning_rate", "learning rate"), ("lr_scheduler", "learning-rate schedule"), ("warmup_steps", "warm-up steps"),
+    ("weight_decay", "weight decay"), ("optimizer", "optimizer"), ("max_steps", "max steps"), ("epochs", "epochs"),
+    ("batch_size", "batch size (per device)"), ("grad_accum", "gradient accumulation"),
+    ("world_size", "processes"), ("max_length", "max sequence length"), ("seed", "seed"), ("backend", "backend"),
+    ("load_in_4bit", "4-bit base (QLoRA)"), ("packing", "packing"), ("fused_loss", "fused loss"),
     ("train_on_prompt", "loss on prompt tokens"),
 ]
 
@@ -180,9 +182,17 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, license: str 
         "formatter": meta.formatter,
         "lora": {k: ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v
                  for k, v in (meta.lora or {}).items() if v is not None},
-        "hyperparameters": [(label, training[key]) for key, label in _HYPERPARAMETERS if training.get(key) is not None],
+        "hyperparameters": [(label, training[key]) for key, label in _HYPERPARAMETERS if training.get(key) is not None
+                            and not (key == "max_steps" and training[key] <= 0)],
+        "changed": list(training["changed"].items()) if isinstance(training.get("changed"), dict) else None,
+        "steps_done": results.get("global_step"),
+        "epochs_done": _round(results.get("epochs_done")),
+        "rows_seen": results.get("rows_seen"),
+        "first_loss": _round(results.get("first_loss")),
         "final_loss": _round(results.get("final_loss")),
         "best_loss": _round(results.get("best_loss")),
+        "mean_loss": _round(results.get("train_loss")),
+        "logged_losses": len(results.get("loss_history") or []),
         "runtime": f"{runtime:.0f} s" if isinstance(runtime, (int, float)) else None,
         "eval_results": [(k, _round(v)) for k, v in evaluation.items()] if isinstance(evaluation, dict) else [],
         "has_plot": has_plot,

@@ -2,6 +2,8 @@
 
 Token: ``token`` argument > ``HF_TOKEN`` > the saved login (``hf auth login``). Endpoint: ``endpoint``
 argument > ``HF_ENDPOINT``, always passed explicitly to ``HfApi``. The token is never printed, logged or written.
+An endpoint on this machine (``localhost``, ``127.0.0.1``, ``::1``) is used even with ``HF_HUB_OFFLINE=1``,
+and over Git LFS (Xet off), as a local Hub-compatible server expects.
 """
 
 from __future__ import annotations
@@ -10,7 +12,10 @@ import logging
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlparse
 
 from ..errors import PublishError
 from ..metadata import METADATA_FILE_NAME
@@ -23,6 +28,46 @@ DEFAULT_IGNORE = [".git/*", ".git", ".cache/*", "*/.cache/*", "__pycache__/*", "
                   "checkpoints/*", "runs/*", "*.lock", ".DS_Store", "training_args.bin"]
 CARD_FILES = ("README.md", "loss_curve.png")
 _TOKEN_LIKE = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
+_LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1"}
+_NO_CHANGES = "No files have been modified since last commit"
+UPLOAD_TOKEN_HINT = "pass --token"
+
+
+def is_local_endpoint(endpoint: str) -> bool:
+    """Whether ``endpoint`` is a server on this machine."""
+    return (urlparse(endpoint).hostname or "").lower() in _LOOPBACK_HOSTS
+
+
+@contextmanager
+def reachable(endpoint: str) -> Iterator[None]:
+    """Let ``huggingface_hub`` talk to a local ``endpoint`` in offline mode (over LFS); other endpoints unchanged."""
+    from huggingface_hub import constants
+
+    if not is_local_endpoint(endpoint):
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET
+    constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = False, True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, constants.HF_HUB_DISABLE_XET = saved
+
+
+class _NoChangesFilter(logging.Filter):
+    """Swallows huggingface_hub's "No files have been modified" warning, remembering that it came."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _NO_CHANGES in record.getMessage():
+            self.seen = True
+            return False
+        return True
+
+
+def _how_to_log_in(token_hint: str) -> str:
+    return f"Run 'hf auth login', set HF_TOKEN, or {token_hint}."
 
 
 def resolve_token(token: str | None = None) -> str | None:
@@ -61,25 +106,27 @@ def _status(error: BaseException) -> int | None:
     return getattr(response, "status_code", None)
 
 
-def check_write_access(repo_id: str, token: str | None = None, endpoint: str | None = None) -> str:
+def check_write_access(repo_id: str, token: str | None = None, endpoint: str | None = None, *,
+                       token_hint: str = UPLOAD_TOKEN_HINT) -> str:
     """Fail fast, before training, if ``repo_id`` cannot be pushed to; return the full ``namespace/name``.
 
     Checks that a token exists, that the Hub accepts it, that it may write, and that the namespace is the
-    user's or one of their organizations'.
+    user's or one of their organizations'. ``token_hint`` is how the caller's user passes a token
+    (``"pass --token"`` for ``upload``), for the messages.
     """
     from huggingface_hub import HfApi
 
     token = resolve_token(token)
     endpoint = resolve_endpoint(endpoint)
     if not token:
-        raise PublishError(f"Not logged in, so cannot push to '{repo_id}'. Run 'hf auth login', "
-                           "set HF_TOKEN, or pass --token.")
+        raise PublishError(f"Not logged in, so cannot push to '{repo_id}'. {_how_to_log_in(token_hint)}")
     try:
-        info = HfApi(endpoint=endpoint, token=token, library_name="hf_instruct_tune").whoami()
+        with reachable(endpoint):
+            info = HfApi(endpoint=endpoint, token=token, library_name="hf_instruct_tune").whoami()
     except Exception as error:  # network errors and HTTP errors alike
         if _status(error) == 401:
             raise PublishError(f"The token was rejected by {endpoint} (401). Run 'hf auth login --force' with a "
-                               "valid token, or pass a valid --token / HF_TOKEN.") from None
+                               f"valid token, set a valid HF_TOKEN, or {token_hint} with a valid one.") from None
         raise PublishError(f"Cannot check access to {endpoint}: {_first_line(error, token)}. Check your network, "
                            "or --endpoint / HF_ENDPOINT.") from None
     user = info.get("name") or ""
@@ -108,9 +155,11 @@ def _collect_files(folder: Path, include: list[str] | None, exclude: list[str] |
 def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, revision: str | None = None, create_pr: bool = False,
                  commit_message: str | None = None, include: list[str] | None = None,
-                 exclude: list[str] | None = None, path_in_repo: str | None = None, card: bool = True):
+                 exclude: list[str] | None = None, path_in_repo: str | None = None, card: bool = True,
+                 token_hint: str = UPLOAD_TOKEN_HINT):
     """Create ``repo_id`` if needed and upload ``folder`` (or one file) in a single commit; return its ``CommitInfo``.
 
+    Returns ``None``, after logging it once, when the repo already holds exactly these files (no commit is made).
     With ``card`` (and an ``hf_instruct_tune.json`` in the folder), README.md and loss_curve.png are
     regenerated for this repo id and uploaded with the adapter, keeping a license, language or base model
     that an existing README.md header sets.
@@ -123,7 +172,7 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
                            f"{folder}') or pass the adapter folder it wrote.")
     token = resolve_token(token)
     endpoint = resolve_endpoint(endpoint)
-    repo_id = check_write_access(repo_id, token, endpoint)
+    repo_id = check_write_access(repo_id, token, endpoint, token_hint=token_hint)
     if create_pr and revision not in (None, "main"):
         raise PublishError("--create-pr opens a pull request against main; drop --revision, or drop --create-pr.")
     api = HfApi(endpoint=endpoint, token=token, library_name="hf_instruct_tune")
@@ -146,16 +195,26 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
                 operations += _card_operations(folder, Path(scratch), repo_id, prefix)
         if not operations:
             raise PublishError(f"Nothing to upload from {folder}: no file matches --include/--exclude.")
+        no_changes = _NoChangesFilter()
+        hub_logger = logging.getLogger("huggingface_hub.hf_api")
+        hub_logger.addFilter(no_changes)
         try:
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            if revision and revision != "main" and not revision.startswith("refs/") and not create_pr:
-                api.create_branch(repo_id, branch=revision, exist_ok=True)
-            info = api.create_commit(repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
-                                     revision=revision, create_pr=create_pr)
+            with reachable(endpoint):
+                api.create_repo(repo_id, private=private, exist_ok=True)
+                if revision and revision != "main" and not revision.startswith("refs/") and not create_pr:
+                    api.create_branch(repo_id, branch=revision, exist_ok=True)
+                info = api.create_commit(repo_id, operations, commit_message=commit_message or DEFAULT_COMMIT_MESSAGE,
+                                         revision=revision, create_pr=create_pr)
         except PublishError:
             raise
         except Exception as error:
-            raise _publish_error(error, repo_id, endpoint, token) from None
+            raise _publish_error(error, repo_id, endpoint, token, token_hint) from None
+        finally:
+            hub_logger.removeFilter(no_changes)
+    if no_changes.seen:
+        logger.info("Nothing to push: %s (%s) already holds these %d file(s).", repo_id, revision or "main",
+                    len(operations))
+        return None
     logger.info("Pushed %d file(s) to %s", len(operations), info.pr_url or info.commit_url)
     return info
 
@@ -200,12 +259,13 @@ def _card_operations(folder: Path, scratch: Path, repo_id: str, prefix: str) -> 
     return operations
 
 
-def _publish_error(error: Exception, repo_id: str, endpoint: str, token: str | None) -> PublishError:
+def _publish_error(error: Exception, repo_id: str, endpoint: str, token: str | None,
+                   token_hint: str = UPLOAD_TOKEN_HINT) -> PublishError:
     status = _status(error)
     detail = _first_line(error, token)
     if status == 401:
         return PublishError(f"Not authorized to push to '{repo_id}' on {endpoint} (401: {detail}). "
-                            "Run 'hf auth login', set HF_TOKEN, or pass --token.")
+                            f"{_how_to_log_in(token_hint)}")
     if status == 403:
         return PublishError(f"No write access to '{repo_id}' on {endpoint} (403: {detail}). Use a namespace you "
                             "own, or ask for write access; 'hf auth whoami' shows who you are logged in as.")
