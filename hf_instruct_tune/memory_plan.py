@@ -1,0 +1,304 @@
+"""The memory plan: how to run each optimizer step within a memory budget, as fast as it fits.
+
+The rows of one optimizer step (``--batch-size`` x ``--grad-accum`` x processes, the *global batch*) are
+fixed by the user; how they are cut into micro-batches is not, and neither is what is traded for memory.
+:func:`plan_memory` picks, from the budget (the GPU's free memory, or ``--max-memory`` GiB):
+
+1. the micro-batch: the most rows per forward pass that fit with every memory saving on (fewer, larger
+   micro-batches are much faster: the per-micro-batch cost of a 4-bit model is mostly fixed);
+2. how many decoder layers recompute their activations in backward (as few as fit);
+3. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits);
+4. where the frozen input-embedding table lives: on the GPU when it fits, else in CPU memory.
+
+None of these changes the loss or the gradients: the loss of a step is normalized by the supervised tokens
+of the whole step whatever the micro-batches, checkpointing recomputes the same values, and the fused loss
+is the same cross-entropy. The estimate is calibrated on measured peaks of a Llama-3-8B QLoRA step on an
+H200 (``BENCHMARKS.md``, "GPU"), within about 5%, on the high side.
+
+Without a GPU and without ``--max-memory``, nothing is planned: the batch runs as given.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+GIB = 2**30
+_FREE_MEMORY_SHARE = 0.92  # of the GPU memory this process can use: room for fragmentation and cuBLAS workspaces
+_OVERHEAD_BYTES = GIB // 4  # kernels' workspaces, the optimizer step's temporaries
+_TAIL_STDS = 0.5  # a large micro-batch: the mean tokens plus this many standard deviations of a sum of rows
+_PLAIN_LOSS_BYTES = 16  # per token and vocabulary entry: bf16 logits, their fp32 copy, its gradient, softmax
+_FUSED_LOSS_BYTES = 16  # the same, for one chunk of tokens on the chunked path (none with Cut Cross-Entropy)
+_CHUNK_TOKENS = 1024
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the estimate needs to know of a decoder-only model."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    weight_bytes: int
+    """Bytes of every parameter and buffer of the frozen model (4-bit weights count as stored)."""
+    embedding_bytes: int
+    """Bytes of the input-embedding table."""
+    trainable_params: int
+
+    @classmethod
+    def of(cls, model, trainable_params: int | None = None) -> ModelShape:
+        """Read the shape of ``model`` (a transformers model, possibly wrapped by PEFT)."""
+        config = model.config
+        text = getattr(config, "get_text_config", lambda: config)()
+        weights = sum(t.numel() * t.element_size() for t in _tensors(model))
+        embeddings = model.get_input_embeddings()
+        table = getattr(embeddings, "weight", None)
+        if table is None:
+            table = getattr(embeddings, "table", None)
+        embedding_bytes = table.numel() * table.element_size() if table is not None else 0
+        if table is not None and not any(table is p for p in model.parameters()):  # already in CPU memory
+            weights += embedding_bytes
+        if trainable_params is None:
+            trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        hidden = text.hidden_size
+        return cls(layers=text.num_hidden_layers, hidden=hidden,
+                   intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
+                   vocab=text.vocab_size, weight_bytes=weights, embedding_bytes=embedding_bytes,
+                   trainable_params=trainable_params)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How each optimizer step runs: micro-batches, recomputed layers, loss kernel, embeddings' place."""
+
+    rows_per_step: int
+    """The global batch: rows per optimizer step over all processes."""
+    processes: int
+    micro_batch: int
+    """Rows per forward pass on each process."""
+    grad_accum: int
+    checkpointed_layers: int
+    layers: int
+    fused_loss: bool
+    embeddings_on_cpu: bool
+    budget_gib: float | None
+    estimate_gib: float | None
+    budget_source: str
+    """``"--max-memory"``, ``"free GPU memory"``, or ``"none"`` (nothing planned)."""
+
+    @property
+    def fits(self) -> bool:
+        return self.budget_gib is None or self.estimate_gib is None or self.estimate_gib <= self.budget_gib
+
+    def describe(self) -> str:
+        """The one line the trainer logs."""
+        loss = "fused cross-entropy" if self.fused_loss else "plain logits"
+        where = "CPU" if self.embeddings_on_cpu else "device"
+        if self.budget_gib is None:
+            memory = "no budget (CPU): the batch runs as given"
+        else:
+            memory = f"estimated peak {self.estimate_gib:.1f} of {self.budget_gib:.1f} GiB ({self.budget_source})"
+            if not self.fits:
+                memory += ": does not fit even so, expect an out-of-memory error"
+        return (f"Memory plan: {self.rows_per_step} rows per optimizer step = {self.micro_batch} per micro-batch x "
+                f"{self.grad_accum} accumulated x {self.processes} process{'es' if self.processes > 1 else ''}; "
+                f"{self.checkpointed_layers}/{self.layers} layers checkpointed; loss: {loss}; input embeddings on "
+                f"{where}; {memory}")
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """Choices the user made explicitly; the plan keeps them. ``None``: the plan decides."""
+
+    checkpointing: bool | None = None
+    fused_loss: bool | None = None
+    embeddings_on_cpu: bool | None = None
+
+
+def plan_memory(
+    shape: ModelShape,
+    *,
+    rows_per_process: int,
+    processes: int,
+    row_lengths: Sequence[int],
+    packed: bool,
+    budget_gib: float | None,
+    budget_source: str = "--max-memory",
+    fixed: Fixed = Fixed(),
+    given_micro_batch: int | None = None,
+    can_offload_embeddings: bool = True,
+) -> MemoryPlan:
+    """Plan one process's share of each optimizer step (``rows_per_process`` rows) within ``budget_gib``.
+
+    Args:
+        shape: the model, from :meth:`ModelShape.of`.
+        rows_per_process: ``batch_size x grad_accum``: the rows each process handles per optimizer step.
+        processes: the number of processes (data-parallel ranks).
+        row_lengths: token lengths of the training rows (a sample is enough).
+        packed: micro-batches are packed into one row (tokens = the sum of lengths) rather than padded
+            (tokens = rows x the longest).
+        budget_gib: the peak memory allowed, or ``None`` to plan nothing (the batch runs as given).
+        fixed: what the user set explicitly.
+        given_micro_batch: the user's ``batch_size``, kept when ``budget_gib`` is ``None``.
+        can_offload_embeddings: the table can move to CPU memory (a GPU run with a frozen table).
+    """
+    layers = shape.layers
+    if budget_gib is None:
+        micro = given_micro_batch or rows_per_process
+        return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro,
+                          layers if fixed.checkpointing else 0, layers, bool(fixed.fused_loss),
+                          bool(fixed.embeddings_on_cpu), None, None, "none")
+    budget = budget_gib * GIB
+    lean_loss = True if fixed.fused_loss is None else fixed.fused_loss
+    lean_embeddings = (can_offload_embeddings if fixed.embeddings_on_cpu is None else fixed.embeddings_on_cpu)
+    checkpoint_choices = ([layers] if fixed.checkpointing else [0] if fixed.checkpointing is False
+                          else list(range(layers + 1)))
+    most_checkpointed = max(checkpoint_choices)
+
+    def cost(micro: int, checkpointed: int, fused: bool, on_cpu: bool) -> float:
+        return estimate_bytes(shape, tokens=micro_batch_tokens(row_lengths, micro, packed),
+                              checkpointed_layers=checkpointed, fused_loss=fused, embeddings_on_cpu=on_cpu)
+
+    divisors = [d for d in range(rows_per_process, 0, -1) if rows_per_process % d == 0]
+    micro = next((d for d in divisors if cost(d, most_checkpointed, lean_loss, lean_embeddings) <= budget), 1)
+    checkpointed = next((c for c in sorted(checkpoint_choices)
+                         if cost(micro, c, lean_loss, lean_embeddings) <= budget), most_checkpointed)
+    fused = lean_loss
+    if fixed.fused_loss is None and cost(micro, checkpointed, False, lean_embeddings) <= budget:
+        fused = False
+    on_cpu = lean_embeddings
+    if fixed.embeddings_on_cpu is None and on_cpu and cost(micro, checkpointed, fused, False) <= budget:
+        on_cpu = False
+    estimate = cost(micro, checkpointed, fused, on_cpu)
+    return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
+                      layers, fused, on_cpu, budget_gib, estimate / GIB, budget_source)
+
+
+def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool) -> int:
+    """Tokens in a large micro-batch of ``rows`` rows (above the mean; at most the longest rows)."""
+    lengths = sorted(row_lengths) or [1]
+    if not packed:
+        return rows * lengths[-1]
+    mean = sum(lengths) / len(lengths)
+    std = math.sqrt(sum((x - mean) ** 2 for x in lengths) / len(lengths))
+    longest = sum(lengths[-rows:]) + max(0, rows - len(lengths)) * lengths[-1]
+    return int(min(longest, rows * mean + _TAIL_STDS * std * math.sqrt(rows)))
+
+
+def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
+                   embeddings_on_cpu: bool) -> float:
+    """Peak bytes of one training step on ``tokens`` tokens per micro-batch (bf16 activations)."""
+    per_layer = tokens * 2 * (10 * shape.hidden + 8 * shape.intermediate)  # what a layer keeps for backward
+    kept = (shape.layers - checkpointed_layers) * per_layer
+    checkpoints = checkpointed_layers * tokens * shape.hidden * 2 + (per_layer if checkpointed_layers else 0)
+    loss_tokens = min(tokens, _CHUNK_TOKENS) if fused_loss else tokens
+    loss = loss_tokens * shape.vocab * (_FUSED_LOSS_BYTES if fused_loss else _PLAIN_LOSS_BYTES)
+    if fused_loss and _cut_cross_entropy():
+        loss = tokens * shape.hidden * 2 * 2
+    weights = shape.weight_bytes - (shape.embedding_bytes if embeddings_on_cpu else 0)
+    optimizer = shape.trainable_params * 16  # fp32 weights, gradients and two Adam moments
+    return weights + optimizer + kept + checkpoints + loss + _OVERHEAD_BYTES
+
+
+def gpu_budget_gib(device_index: int) -> float:
+    """GiB this process may use on its GPU: what it already holds plus what is free, less a margin."""
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device_index)
+    held = torch.cuda.memory_allocated(device_index)
+    return _FREE_MEMORY_SHARE * (free + held) / GIB
+
+
+def apply_checkpointing(model, layers: int) -> None:
+    """Recompute the activations of the first ``layers`` decoder layers in backward (non-reentrant), none else."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder_layers = _decoder_layers(base)
+    if layers <= 0:
+        for layer in decoder_layers:
+            layer.gradient_checkpointing = False
+        return
+    if hasattr(base, "activation_checkpointing_enable"):  # the name since transformers 5.2x
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(decoder_layers):
+        layer.gradient_checkpointing = index < layers
+
+
+def checkpointed_layer_count(model) -> int:
+    """How many decoder layers of ``model`` recompute their activations in backward."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return sum(bool(layer.gradient_checkpointing) for layer in _decoder_layers(base))
+
+
+def _decoder_layers(model) -> list:
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers: all layers or none
+        return []
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def _tensors(model):
+    yield from model.parameters()
+    yield from model.buffers()
+
+
+def _cut_cross_entropy() -> bool:
+    from .loss import cce_available
+
+    return cce_available()
+
+
+def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, max_memory: float | None = None,
+                     fixed: Fixed = Fixed(), sample_rows: int = 10_000) -> MemoryPlan:
+    """The plan for a Trainer about to train ``model`` on ``dataset`` (``input_ids`` rows) with ``args``.
+
+    The budget is ``max_memory`` GiB when given, else the free memory of this process's GPU, else none.
+    """
+    import torch
+
+    from .launch import local_rank, world_size
+
+    cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
+    if max_memory is not None:
+        budget, source = max_memory, "--max-memory"
+    elif cuda:
+        budget, source = gpu_budget_gib(local_rank()), "free GPU memory"
+    else:
+        budget, source = None, "none"
+    sample = dataset.select(range(min(len(dataset), sample_rows))) if hasattr(dataset, "select") else dataset
+    lengths = [len(ids) for ids in sample["input_ids"]]
+    shape = ModelShape.of(model, trainable_params=_trainable_params(model, peft_config))
+    return plan_memory(
+        shape, rows_per_process=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+        processes=world_size(), row_lengths=lengths, packed=packed,
+        budget_gib=budget, budget_source=source, fixed=fixed, given_micro_batch=args.per_device_train_batch_size,
+        can_offload_embeddings=cuda and not _embeddings_trainable(model, peft_config)
+        and not getattr(model.config, "tie_word_embeddings", False))
+
+
+def _trainable_params(model, peft_config) -> int:
+    """Trainable parameters once LoRA is applied: counted, or for ``peft_config`` estimated from its targets."""
+    if peft_config is None or hasattr(model, "peft_config"):
+        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    targets = peft_config.target_modules or ()
+    rank = peft_config.r
+    total = 0
+    for name, module in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        matched = targets == "all-linear" or (leaf in targets if not isinstance(targets, str) else leaf == targets)
+        if matched and hasattr(module, "in_features") and hasattr(module, "out_features") and leaf != "lm_head":
+            total += rank * (module.in_features + module.out_features)
+    return total
+
+
+def _embeddings_trainable(model, peft_config) -> bool:
+    table = getattr(model.get_input_embeddings(), "weight", None)
+    saved = set(getattr(peft_config, "modules_to_save", None) or ())
+    return (table is not None and table.requires_grad) or "embed_tokens" in saved
