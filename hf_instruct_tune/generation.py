@@ -13,7 +13,9 @@ from .errors import InputError
 from .formatters import FieldError, get_formatter
 from .metadata import TrainingMetadata
 from .templating import TEMPLATE_FILE_NAME, PromptTemplate
-from .tokenization import ExampleEncoder
+from .chat_encoding import encoder_for
+from .chat_template import ChatTemplate
+from .recipe import is_model_template
 
 logger = logging.getLogger(__name__)
 
@@ -47,14 +49,11 @@ class AdapterGenerator:
             raise InputError("no adapter_config.json here; pass the folder 'hf-instruct-tune train' wrote",
                              source=str(adapter_dir))
         self.metadata = TrainingMetadata.load(adapter_dir)
-        template_file = adapter_dir / TEMPLATE_FILE_NAME
-        template = PromptTemplate.from_file(template_file)
-        self.template = PromptTemplate.from_source(template.source, name=self.metadata.template.get("name", "saved"),
-                                                   origin=str(template_file))
         self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.encoder = ExampleEncoder(self.tokenizer, self.template)
+        self.template = _saved_template(adapter_dir, self.metadata.template.get("name", "saved"), self.tokenizer)
+        self.encoder = encoder_for(self.tokenizer, self.template)
         base = model or self.metadata.base_model or _adapter_base(adapter_dir)
         if not base:
             raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
@@ -101,6 +100,18 @@ class AdapterGenerator:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def _saved_template(adapter_dir: Path, name: str, tokenizer) -> PromptTemplate | ChatTemplate:
+    """The template the adapter was trained with, from ``prompt_template.jinja`` saved next to it."""
+    template_file = adapter_dir / TEMPLATE_FILE_NAME
+    if is_model_template(name):  # the tokenizer's own chat template, kept verbatim
+        if not template_file.is_file():
+            raise InputError("template file not found", source=str(template_file))
+        return ChatTemplate.from_source(template_file.read_text(encoding="utf-8"), tokenizer, name=name,
+                                        origin=str(template_file))
+    template = PromptTemplate.from_file(template_file)
+    return PromptTemplate.from_source(template.source, name=name, origin=str(template_file))
 
 
 def _local_adapter(adapter: str | Path) -> Path:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .chat_encoding import ChatTemplateEncoder
 from .tokenization import IGNORE_INDEX, ExampleEncoder
 
 
@@ -20,6 +21,18 @@ class ExampleReport:
     def ok(self) -> bool:
         return all(self.checks.values())
 
+    def trained_text(self, tokenizer) -> list[str]:
+        """The text of each supervised span, special tokens shown."""
+        spans, run = [], []
+        for token, label in zip(self.input_ids, self.labels):
+            if label != IGNORE_INDEX:
+                run.append(token)
+            elif run:
+                spans.append(run)
+                run = []
+        spans += [run] if run else []
+        return [tokenizer.decode(span, skip_special_tokens=False) for span in spans]
+
 
 def inspect_example(encoder: ExampleEncoder, example: Mapping, location: str) -> ExampleReport:
     """Encode ``example`` and check the labels rules on the result."""
@@ -30,17 +43,40 @@ def inspect_example(encoder: ExampleEncoder, example: Mapping, location: str) ->
     stop, bos = encoder.stop_token_id, encoder.bos_token_id
     turns = sum(m["role"] == "assistant" for m in example["messages"]) if "messages" in example else 1
     trained = [label for label in labels if label != IGNORE_INDEX]
+    chat = isinstance(encoder, ChatTemplateEncoder)
     checks = {
         "stop_token_once_per_response": trained.count(stop) == turns or encoded.truncated,
         "ends_with_stop_token": (bool(trained) and labels[-1] == stop) != encoded.truncated,
-        "single_bos": bos is None or (ids.count(bos) <= 1 and (bos not in ids or ids[0] == bos)),
+        # a chat template may write its BOS token as a turn marker (SmolLM2's is <|im_start|>): only a doubled one
+        "single_bos": bos is None or (ids[:2] != [bos, bos] if chat else
+                                      ids.count(bos) <= 1 and (bos not in ids or ids[0] == bos)),
         "labels_match_input_ids": all(label in (IGNORE_INDEX, token) for label, token in zip(labels, ids)),
     }
+    if chat and "messages" in example and not encoder.train_on_prompt:
+        checks.update(_chat_template_checks(encoder, example["messages"], ids, labels, encoded.truncated))
     if "messages" in example:
         last = max(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
         prompt_ids = encoder.encode_prompt(example["messages"][:last])
         checks["prompt_matches_inference"] = ids[: len(prompt_ids)] == prompt_ids
     return ExampleReport(location, ids, labels, checks)
+
+
+def _chat_template_checks(encoder: ChatTemplateEncoder, messages, ids, labels, truncated: bool) -> dict[str, bool]:
+    """Each assistant turn one supervised span, ending in the stop token, after exactly the ids that the
+    tokenizer's own ``apply_chat_template(turns before it, add_generation_prompt=True)`` gives."""
+    messages = encoder.normalized_messages(messages)
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    starts = [i for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
+    ends = [i + 1 for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i + 1 == len(labels)
+                                                                             or labels[i + 1] == IGNORE_INDEX)]
+    one_span_each = len(starts) == len(turns) and all(ids[end - 1] == encoder.stop_token_id for end in ends)
+    served = all(
+        ids[:start] == list(encoder.tokenizer.apply_chat_template(
+            messages[:turn], chat_template=encoder.template.source, add_generation_prompt=True, tokenize=True,
+            return_dict=False))
+        for start, turn in zip(starts, turns))
+    return {"one_span_per_assistant_turn": one_span_each or truncated,
+            "prompts_match_apply_chat_template": served and len(starts) == len(turns) or truncated}
 
 
 def render_tokens(tokenizer, report: ExampleReport) -> str:

@@ -73,6 +73,7 @@ class ExampleEncoder:
         self.stop_token_id = single_token_id(tokenizer, self.stop_text, template.name)
         self.bos_token_id = tokenizer.bos_token_id
         self.adds_bos = adds_bos_token(tokenizer)
+        self._added_tokens = tuple(getattr(tokenizer, "added_tokens_encoder", {}) or ())
 
     # -- public API --------------------------------------------------------------------------------
 
@@ -107,7 +108,8 @@ class ExampleEncoder:
 
     def render_prompt(self, messages: Sequence[Mapping]) -> str:
         """The prompt text for the next assistant turn (what the model card shows as an example)."""
-        return "".join(text for text, _, _ in self._conversation_segments(list(messages), for_inference=True))
+        return "".join(text + (self.stop_text if trained else "")
+                       for text, trained, _ in self._conversation_segments(list(messages), for_inference=True))
 
     # -- internals ---------------------------------------------------------------------------------
 
@@ -146,7 +148,26 @@ class ExampleEncoder:
             if end < len(messages):
                 segments.append((messages[end]["content"], True, True))
                 consumed = prompt + placeheld[end]["content"] + self.stop_text
-        return segments
+        return self._joined_prompts(segments)
+
+    def _joined_prompts(self, segments: list[tuple[str, bool, bool]]) -> list[tuple[str, bool, bool]]:
+        """Each run of prompt pieces as one string, tokenized as a server tokenizes the rendered prompt (so a
+        ``"\n\n"`` across a piece boundary is the same token there), unless a user's text in the run spells a
+        special token: then the pieces stay apart and that text is tokenized as plain text."""
+        joined: list[tuple[str, bool, bool]] = []
+        run: list[tuple[str, bool, bool]] = []
+        for segment in segments + [("", True, False)]:
+            if not segment[1]:
+                run.append(segment)
+                continue
+            if any(split and any(token in text for token in self._added_tokens) for text, _, split in run):
+                joined += run
+            elif run:
+                joined.append(("".join(text for text, _, _ in run), False, False))
+            run = []
+            if segment[0]:
+                joined.append(segment)
+        return joined
 
     def _render(self, messages: list[Mapping]) -> str:
         try:

@@ -28,6 +28,7 @@ from .chat_encoding import encoder_for
 from .chat_template import ChatTemplate
 from .recipe import default_template_name, resolve_recipe  # noqa: F401  (default_template_name: public name)
 
+from .served_template import CHAT_TEMPLATE_FILE_NAME, served_chat_template
 logger = logging.getLogger(__name__)
 
 
@@ -459,7 +460,8 @@ class InstructTrainer(SFTTrainer):
 
 
     def save_run_files(self, output_dir: str | Path) -> None:
-        """Write ``hf_instruct_tune.json`` and ``prompt_template.jinja`` into ``output_dir``."""
+        """Write ``hf_instruct_tune.json`` and ``prompt_template.jinja`` into ``output_dir``, and next to a saved
+        tokenizer the ``chat_template.jinja`` that renders this run's prompt format."""
         output_dir = Path(output_dir)
         self._complete_metadata().save(output_dir)
         write_text_atomic(output_dir / TEMPLATE_FILE_NAME, self.prompt_template.source)
@@ -490,6 +492,10 @@ def changed_hyperparameters(args) -> dict[str, Any]:
             continue
         value = getattr(args, item.name)
         plain = getattr(value, "value", value)
+        if (output_dir / CHAT_TEMPLATE_FILE_NAME).exists() or (output_dir / "tokenizer_config.json").exists():
+            # the saved tokenizer serves the trained format: apply_chat_template renders this run's prompts
+            write_text_atomic(output_dir / CHAT_TEMPLATE_FILE_NAME,
+                              served_chat_template(self.prompt_template, self.encoder.stop_text))
         if default is None and item.name in ("bf16", "gradient_checkpointing"):
             continue  # resolved from the machine, not chosen
         if plain != getattr(default, "value", default) and not (plain in ({}, None) and default in ({}, None)):

@@ -7,7 +7,7 @@ import json
 
 EXAMPLES = """examples:
   hf-instruct-tune inspect --data examples/dataset.json --template alpaca-zh --rows 2
-  hf-instruct-tune inspect --data chats.jsonl --template llama-3 --model meta-llama/Meta-Llama-3-8B-Instruct --json
+  hf-instruct-tune inspect --data chats.jsonl --model meta-llama/Llama-3.1-8B-Instruct --json
 """
 
 
@@ -18,7 +18,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Encode the data as `train` would and show, per example, the text with trained tokens in ⟦…⟧, "
                     "the EOS/BOS checks and the length statistics. Exit code 1 when a check fails.")
     parser.add_argument("--data", required=True, help="Data file or saved dataset folder.")
-    parser.add_argument("--template", help="Template name or .jinja path (default as in `train`).")
+    parser.add_argument("--template", help="'model' (the tokenizer's chat_template), a template name or a .jinja "
+                                           "path (default as in `train`).")
     parser.add_argument("--formatter", help="Row format; detected from the columns when omitted.")
     parser.add_argument("--model", help="Model whose tokenizer to use (default: the embedded SmolLM2).")
     parser.add_argument("--rows", type=int, default=3, help="Examples to show (default: 3); all are checked.")
@@ -31,24 +32,23 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..chat_encoding import encoder_for
     from ..data import DataSource, row_error
     from ..errors import InputError
     from ..formatters import FieldError, detect_formatter, get_formatter
     from ..inspection import inspect_example, length_stats, render_tokens
     from ..models import DEFAULT_MODEL, load_tokenizer, resolve_model
-    from ..templating import get_template
-    from ..tokenization import ExampleEncoder, ExampleError
-    from ..trainer import default_template_name
+    from ..recipe import check_template_name, resolve_template
+    from ..tokenization import ExampleError
 
     source = DataSource.open(args.data)
     formatter_name = args.formatter or detect_formatter(source.columns(), source=source.display)
     format_row = get_formatter(formatter_name)
-    if args.template:
-        get_template(args.template)
+    check_template_name(args.template)
     tokenizer = load_tokenizer(resolve_model(args.model or DEFAULT_MODEL))
-    template = get_template(args.template or default_template_name(formatter_name, tokenizer))
-    encoder = ExampleEncoder(tokenizer, template, max_length=args.max_length, train_on_prompt=args.train_on_prompt,
-                             overlong=args.overlong)
+    template = resolve_template(args.template, formatter_name, tokenizer)
+    encoder = encoder_for(tokenizer, template, max_length=args.max_length, train_on_prompt=args.train_on_prompt,
+                          overlong=args.overlong)
     reports, lengths, failed, dropped = [], [], 0, 0
     for location, row in source.rows():
         try:
@@ -60,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         lengths.append(len(report.input_ids))
         if args.json:
             print(json.dumps({"location": location, "input_ids": report.input_ids, "labels": report.labels,
-                              "checks": report.checks, "dropped": report.dropped}))
+                              "trained_text": report.trained_text(tokenizer), "checks": report.checks,
+                              "dropped": report.dropped}, ensure_ascii=False))
         elif len(reports) < args.rows:
             reports.append(report)
     if not lengths:
