@@ -42,17 +42,15 @@ def _cuda() -> bool:
 def resolve_backend(name: str) -> str:
     """Return ``"transformers"`` or ``"unsloth"`` for a ``--backend`` value.
 
-    ``auto`` picks Unsloth when it is installed and a CUDA GPU is present, else transformers; and
-    transformers whenever the run has several processes (``WORLD_SIZE`` > 1): Unsloth trains on one GPU,
-    multi-GPU training goes through transformers and accelerate.
+    ``auto`` is transformers: with the memory plan and the packed, isolated path it was measured faster than
+    Unsloth's best configuration at every memory budget tried (``BENCHMARKS.md``, "GPU"), and it also runs
+    on several processes. Unsloth runs when asked for by name.
     Raises :class:`InputError` for an unknown name, or for ``unsloth`` where it cannot run.
     """
     if name not in BACKENDS:
         raise unknown_name("backend", name, BACKENDS)
     if name == "auto":
-        from hf_instruct_tune.launch import world_size
-
-        return "unsloth" if world_size() == 1 and _installed("unsloth") and _cuda() else "transformers"
+        return "transformers"
     if name == "unsloth":
         if not _installed("unsloth"):
             raise InputError(
@@ -90,13 +88,22 @@ def check_4bit() -> None:
                          "on this machine.", field="load_in_4bit")
 
 
-def nf4_config(dtype: Any = None):
-    """The ``BitsAndBytesConfig`` used for 4-bit: NF4, double quantization, bf16 compute."""
+def nf4_config(dtype: Any = None, *, for_fsdp: bool | None = None):
+    """The ``BitsAndBytesConfig`` used for 4-bit: NF4, double quantization, bf16 compute.
+
+    ``for_fsdp`` (default: when ``accelerate launch`` started this process with FSDP) stores the packed 4-bit
+    weights in the compute dtype (``bnb_4bit_quant_storage``), so that FSDP shards them with the rest of the
+    model; with the default ``uint8`` storage every GPU would keep the whole 4-bit base.
+    """
     import torch
     from transformers import BitsAndBytesConfig
 
+    from hf_instruct_tune.launch import fsdp_launched
+
+    dtype = dtype or torch.bfloat16
+    storage = dtype if (fsdp_launched() if for_fsdp is None else for_fsdp) else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype or torch.bfloat16)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage)
 
 
 def load_for_training(
@@ -199,13 +206,16 @@ def add_lora(
 def offload_input_embeddings(model: Any) -> Any:
     """Keep the frozen input-embedding table in CPU memory and look tokens up there (saves ~1 GiB on Llama-3-8B).
 
-    Only the looked-up rows travel to the GPU (``T x hidden`` per micro-batch). The table is a plain attribute,
-    not a parameter, so DDP and ``model.to()`` leave it alone; use it for training LoRA adapters, not for
-    saving the full model. Call it before :func:`add_lora`. Returns ``model``.
+    Only the looked-up rows travel to the GPU (``T x hidden`` per micro-batch), to wherever the model is
+    (``model.to()`` moves an empty marker buffer, not the table). The table is a plain attribute, not a
+    parameter, so DDP and ``model.to()`` leave it alone; use it for training LoRA adapters, not for saving the
+    full model. Returns ``model``; a second call changes nothing.
     """
     import torch
 
     old = model.get_input_embeddings()
+    if isinstance(old, _cpu_embedding_class()):
+        return model
     model.set_input_embeddings(_CPUEmbedding(old.weight.detach().to("cpu"), old.weight.device))
     if old.weight.is_cuda:
         del old
@@ -213,20 +223,29 @@ def offload_input_embeddings(model: Any) -> Any:
     return model
 
 
+_CPU_EMBEDDING = None
+
+
 def _cpu_embedding_class():
+    global _CPU_EMBEDDING
+    if _CPU_EMBEDDING is not None:
+        return _CPU_EMBEDDING
     import torch
 
     class CPUEmbedding(torch.nn.Module):
         def __init__(self, table: torch.Tensor, device: torch.device):
             super().__init__()
-            self.table, self.device = table, device
+            self.table = table
+            self.register_buffer("marker", torch.empty(0, device=device), persistent=False)
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
             rows = torch.nn.functional.embedding(input_ids.to("cpu"), self.table)
-            if torch.device(self.device).type != "cuda":
-                return rows.to(self.device)
-            return rows.pin_memory().to(self.device, non_blocking=True)
+            device = self.marker.device
+            if device.type != "cuda":
+                return rows.to(device)
+            return rows.pin_memory().to(device, non_blocking=True)
 
+    _CPU_EMBEDDING = CPUEmbedding
     return CPUEmbedding
 
 

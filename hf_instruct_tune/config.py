@@ -60,8 +60,9 @@ class TrainConfig:
         "Examples longer than --max-length: 'drop' them (counted in the log) or 'truncate' their responses.",
         choices=("drop", "truncate")))
     train_on_prompt: bool = field(default=False, metadata=_help("Also compute the loss on prompt tokens."))
-    packing: bool = field(default=False, metadata=_help(
-        "Pack several examples per row, each attending only to itself (padding-free)."))
+    packing: bool | None = field(default=None, metadata=_help(
+        "Pack several examples per row, each attending only to itself (padding-free). Default: on with a CUDA "
+        "GPU, off on CPU."))
     prefix_sharing: bool | None = field(default=None, metadata=_help(
         "Compute the token prefixes that rows of a micro-batch share (a preamble, a system prompt) once: the same "
         "loss and gradients, less work. Default: on where it pays (attention that takes a mask: sdpa, eager, "
@@ -74,8 +75,16 @@ class TrainConfig:
         "Attention kernel. auto: with --packing on a CUDA GPU the fastest isolated one (flash_attention_2 if "
         "installed, else torch_varlen), otherwise the model's default.",
         choices=("auto", "sdpa", "eager", "flash_attention_2", "torch_varlen")))
-    offload_embeddings: bool = field(default=False, metadata=_help(
-        "Keep the frozen input-embedding table in CPU memory (saves ~1 GiB on Llama-3-8B); --load-in-4bit only."))
+    offload_embeddings: bool | None = field(default=None, metadata=_help(
+        "Keep the frozen input-embedding table in CPU memory (saves ~1 GiB on Llama-3-8B). Default: when the "
+        "memory plan needs it."))
+    memory_plan: bool = field(default=True, metadata=_help(
+        "Plan each step from the memory budget: rows per micro-batch (--batch-size x --grad-accum rows per step "
+        "stay the same), layers checkpointed, loss kernel, embeddings' place; logged in one line. On with a CUDA "
+        "GPU or --max-memory; --no-memory-plan runs --batch-size, --grad-accum and --gradient-checkpointing as "
+        "given."))
+    max_memory: float | None = field(default=None, metadata=_help(
+        "Peak memory budget per GPU in GiB for the memory plan (default: the GPU's free memory)."))
     seed: int = field(default=3407, metadata=_help("Random seed."))
     logging_steps: int = field(default=1, metadata=_help("Log the loss every N steps."))
     save_steps: int | None = field(default=None, metadata=_help("Write a checkpoint every N steps."))
@@ -83,10 +92,13 @@ class TrainConfig:
     resume: bool = field(default=False, metadata=_help("Continue from the last checkpoint in --output-dir."))
     overwrite: bool = field(default=False, metadata=_help("Replace an adapter already in --output-dir."))
     backend: str = field(default="auto", metadata=_help(
-        "auto, transformers or unsloth (auto picks unsloth when installed and a CUDA GPU is present).",
+        "auto, transformers or unsloth. auto: transformers with the package's packed path, measured faster "
+        "than Unsloth at every memory budget (BENCHMARKS.md); unsloth only when asked.",
         choices=("auto", "transformers", "unsloth")))
     load_in_4bit: bool = field(default=False, metadata=_help("Load the frozen base in 4-bit NF4 (bitsandbytes)."))
-    gradient_checkpointing: bool = field(default=False, metadata=_help("Trade compute for activation memory."))
+    gradient_checkpointing: bool | None = field(default=None, metadata=_help(
+        "Recompute every layer's activations in backward (--no-gradient-checkpointing: none). Default: as many "
+        "layers as the memory plan needs, none without a plan."))
     dtype: str = field(default="auto", metadata=_help("Weights dtype: auto, float32, bfloat16 or float16."))
     optim: str = field(default="adamw_torch", metadata=_help("Optimizer (transformers' names)."))
     trust_remote_code: bool = field(default=False, metadata=_help("Run Python code from the model repository."))
@@ -99,6 +111,9 @@ class TrainConfig:
     endpoint: str | None = field(default=None, metadata=_help("Hub endpoint (default: HF_ENDPOINT or huggingface.co)."))
     num_processes: int | None = field(default=None, metadata=_help(
         "Re-launch this command through `accelerate launch` with N processes."))
+    fsdp: bool = field(default=False, metadata=_help(
+        "With --num-processes: shard the frozen base across the GPUs with FSDP (for a base too large for one "
+        "GPU; with --load-in-4bit too) instead of DDP. See docs/multi_gpu.md."))
 
     def __post_init__(self):
         for item in dataclasses.fields(self):
@@ -119,9 +134,9 @@ class TrainConfig:
             raise InputError(f"`max_steps` should be -1 or a positive number, got {self.max_steps}.", field="max_steps")
         if self.lr <= 0:
             raise InputError(f"`lr` should be positive, got {self.lr}.", field="lr")
-        if self.offload_embeddings and not self.load_in_4bit:
-            raise InputError("`offload_embeddings` works with --load-in-4bit only (the bitsandbytes path); "
-                             "add --load-in-4bit or drop --offload-embeddings.", field="offload_embeddings")
+        if self.max_memory is not None and self.max_memory <= 0:
+            raise InputError(f"`max_memory` should be a positive number of GiB, got {self.max_memory}.",
+                             field="max_memory")
         if not 0 <= self.lora_dropout < 1:
             raise InputError(f"`lora_dropout` should be in [0, 1), got {self.lora_dropout}.", field="lora_dropout")
 
@@ -130,7 +145,7 @@ class TrainConfig:
 _NOT_HYPERPARAMETERS = {"data", "model", "output_dir", "formatter", "template", "base_model_id", "dataset_name",
                         "eval_data", "resume", "overwrite", "push_to", "private", "endpoint", "num_processes",
                         "language", "license", "save_steps", "save_total_limit", "logging_steps", "trust_remote_code",
-                        "allow_pickle"}
+                        "allow_pickle", "memory_plan", "max_memory", "fsdp"}
 
 
 def changed_options(config: TrainConfig) -> dict[str, Any]:

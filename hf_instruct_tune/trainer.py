@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from transformers import Trainer
+from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
 from .backends import offload_input_embeddings
@@ -22,13 +23,16 @@ from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
 from .language import guess_language
 from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer
+from .progress import ReadableProgressCallback
+from .quiet import filter_third_party_warnings
 from .metadata import TrainingMetadata, framework_versions, write_text_atomic
+from .throughput import Throughput
 from .templating import TEMPLATE_FILE_NAME, PromptTemplate, get_template
 from .chat_encoding import encoder_for
 from .chat_template import ChatTemplate
 from .recipe import default_template_name, resolve_recipe  # noqa: F401  (default_template_name: public name)
-
 from .served_template import CHAT_TEMPLATE_FILE_NAME, served_chat_template
+
 logger = logging.getLogger(__name__)
 
 
@@ -160,15 +164,24 @@ class InstructTrainer(SFTTrainer):
                           stacklevel=2)
 
         self.run_metadata = self._initial_metadata(model, source, base_model_id, language, license, format_row)
+        filter_third_party_warnings()
         super().__init__(
             model=model, args=args, data_collator=data_collator, train_dataset=self.train_data.dataset,
             eval_dataset=self.eval_data.dataset if self.eval_data else None, processing_class=tokenizer, **kwargs,
         )
+        if any(type(callback) is ProgressCallback for callback in self.callback_handler.callbacks):
+            self.remove_callback(ProgressCallback)
+            self.add_callback(ReadableProgressCallback)
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
             attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
         if self.memory_plan is not None:
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
+        self.throughput = Throughput()
+        self.tokens_per_second: float | None = None
+        self.peak_memory_gib: list[float] | None = None
+        self.timed_tokens = 0
+        self.add_callback(self.throughput)
 
     def _plan_memory(self, model, args, peft_config, wanted: bool | None, max_memory: float | None,
                      fixed: Fixed) -> MemoryPlan | None:
@@ -214,7 +227,23 @@ class InstructTrainer(SFTTrainer):
                 result = super().train(*args, **kwargs)
         if self.sharing_stats.batches and self.is_world_process_zero():
             logger.info(self.sharing_stats.summary())
+        self._sum_throughput()
         return result
+
+    def _sum_throughput(self) -> None:
+        """Add up every process's own tokens per second (not process 0's times the count) for the metadata."""
+        import torch
+
+        rate = self.throughput.tokens_per_second()
+        local = [rate or 0.0, self.throughput.peak_memory_gib() or 0.0, self.throughput.timed_tokens()]
+        gathered = self.accelerator.gather(torch.tensor([local], device=self.accelerator.device, dtype=torch.float64))
+        rates, peaks, tokens = gathered[:, 0], gathered[:, 1], gathered[:, 2]
+        self.tokens_per_second = float(rates.sum()) if rate is not None else None
+        self.peak_memory_gib = [round(float(p), 2) for p in peaks] if torch.cuda.is_available() else None
+        self.timed_tokens = int(tokens.sum())
+        if self.tokens_per_second and self.is_world_process_zero():
+            logger.info("Throughput: %s real tokens/s%s (after the first steps)", f"{self.tokens_per_second:,.0f}",
+                        f" over {len(rates)} processes" if len(rates) > 1 else "")
 
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation batches are laid out as usual (TRL's metrics read their logits row by row)."""
@@ -259,6 +288,8 @@ class InstructTrainer(SFTTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss; with ``fused_loss`` (inside ``train()``), the fused cross-entropy from hidden states."""
+        if model.training:
+            self.throughput.count(inputs)
         if "loss_positions" in inputs:
             return self._shared_prefix_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._lm_head is None:
@@ -393,6 +424,9 @@ class InstructTrainer(SFTTrainer):
             "global_step": self.state.global_step,
             "epochs_done": round(self.state.epoch or 0.0, 4),
             "rows_seen": round((self.state.epoch or 0.0) * len(self.train_data.dataset)),
+            "tokens_per_second": self.tokens_per_second,
+            "timed_tokens": self.timed_tokens,
+            "peak_memory_gib_per_process": self.peak_memory_gib,
             "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         }
         metadata.versions = framework_versions()
@@ -465,6 +499,11 @@ class InstructTrainer(SFTTrainer):
         output_dir = Path(output_dir)
         self._complete_metadata().save(output_dir)
         write_text_atomic(output_dir / TEMPLATE_FILE_NAME, self.prompt_template.source)
+        if (output_dir / CHAT_TEMPLATE_FILE_NAME).exists() or (output_dir / "tokenizer_config.json").exists():
+            # the saved tokenizer serves the trained format: apply_chat_template renders this run's prompts
+            write_text_atomic(output_dir / CHAT_TEMPLATE_FILE_NAME,
+                              served_chat_template(self.prompt_template, self.encoder.stop_text,
+                                                   adds_bos=self.encoder.adds_bos))
 
 
 # The training arguments a model card lists when they differ from their defaults.
@@ -492,10 +531,6 @@ def changed_hyperparameters(args) -> dict[str, Any]:
             continue
         value = getattr(args, item.name)
         plain = getattr(value, "value", value)
-        if (output_dir / CHAT_TEMPLATE_FILE_NAME).exists() or (output_dir / "tokenizer_config.json").exists():
-            # the saved tokenizer serves the trained format: apply_chat_template renders this run's prompts
-            write_text_atomic(output_dir / CHAT_TEMPLATE_FILE_NAME,
-                              served_chat_template(self.prompt_template, self.encoder.stop_text))
         if default is None and item.name in ("bf16", "gradient_checkpointing"):
             continue  # resolved from the machine, not chosen
         if plain != getattr(default, "value", default) and not (plain in ({}, None) and default in ({}, None)):

@@ -120,14 +120,40 @@ def _attn_implementation(config: TrainConfig) -> str | None:
         return register_varlen_attention()
     if config.attn_implementation != "auto":
         return config.attn_implementation
-    if config.packing and torch.cuda.is_available():
+    if packing_wanted(config) and torch.cuda.is_available():
         return best_attn_implementation()
     return None
 
 
-def _fused_loss(config: TrainConfig, backend: str) -> bool:
-    """``--fused-loss`` as given, else on for the transformers backend (Unsloth fuses its own loss)."""
-    return config.fused_loss if config.fused_loss is not None else backend == "transformers"
+def packing_wanted(config: TrainConfig) -> bool:
+    """``--packing`` as given, else on with a CUDA GPU (the packed, isolated path) and off on CPU."""
+    import torch
+
+    return config.packing if config.packing is not None else torch.cuda.is_available()
+
+
+def memory_plan_wanted(config: TrainConfig, backend: str) -> bool:
+    """The memory plan runs for the transformers backend with a CUDA GPU or ``--max-memory``, unless turned off."""
+    import torch
+
+    return (config.memory_plan and backend == "transformers"
+            and (torch.cuda.is_available() or config.max_memory is not None))
+
+
+def _fused_loss(config: TrainConfig, backend: str) -> bool | None:
+    """``--fused-loss`` as given; else the plan's choice, or on for the transformers backend without a plan.
+
+    Under FSDP the output head is sharded with the rest of the model, so the loss goes through it (off).
+    """
+    from .launch import fsdp_launched
+
+    if config.fused_loss is not None:
+        return config.fused_loss
+    if fsdp_launched():
+        return False
+    if memory_plan_wanted(config, backend):
+        return None
+    return backend == "transformers"
 
 
 def _load_model(config: TrainConfig, spec, backend: str):
@@ -150,9 +176,10 @@ def _load_model(config: TrainConfig, spec, backend: str):
             name_base_model(model, spec.base_model_id)
         if config.offload_embeddings:
             offload_input_embeddings(model)
+        planned = memory_plan_wanted(config, backend)  # then the trainer sets checkpointing up layer by layer
         model = add_lora(model, backend=backend, r=config.lora_r, lora_alpha=config.lora_alpha,
                          lora_dropout=config.lora_dropout, target_modules=config.target_modules,
-                         gradient_checkpointing=config.gradient_checkpointing, seed=config.seed,
+                         gradient_checkpointing=bool(config.gradient_checkpointing) and not planned, seed=config.seed,
                          use_rslora=config.rslora)
         return model, None
     from peft import LoraConfig
@@ -208,10 +235,12 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
     import torch
     from trl import SFTConfig
 
+    from .launch import fsdp_launched
     from .trainer import InstructTrainer
 
     cuda = torch.cuda.is_available()
     bf16 = cuda and torch.cuda.is_bf16_supported()
+    planned = memory_plan_wanted(config, backend)
     with warnings.catch_warnings():  # TRL's default for a deprecated name, not a choice of the user's
         warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
         args = SFTConfig(
@@ -222,10 +251,13 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
             max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
             save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
             save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
-            gradient_checkpointing=config.gradient_checkpointing and peft_config is not None,
-            optim=config.optim, packing=config.packing, per_device_eval_batch_size=config.batch_size,
+            gradient_checkpointing=(config.gradient_checkpointing is not False) if planned
+            else bool(config.gradient_checkpointing) and peft_config is not None,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+            ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no graph walk per step
+            optim=config.optim, packing=packing_wanted(config), per_device_eval_batch_size=config.batch_size,
             eval_strategy="epoch" if config.eval_data else "no", dataloader_num_workers=0,
-            disable_tqdm=False, save_only_model=False,
+            disable_tqdm=False, save_only_model=False, dataloader_pin_memory=cuda,
         )
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,
@@ -233,10 +265,14 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         formatter=formatter or config.formatter, train_on_prompt=config.train_on_prompt, overlong=config.overlong,
         base_model_id=spec.base_model_id, dataset_name=source.name, language=config.language,
         license=config.license, fused_loss=_fused_loss(config, backend), prefix_sharing=config.prefix_sharing,
+        memory_plan=planned, max_memory=config.max_memory,
+        gradient_checkpointing=config.gradient_checkpointing if planned else None,
+        offload_embeddings=(False if fsdp_launched() else config.offload_embeddings) if planned else None,
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
-                                          "fused_loss": _fused_loss(config, backend),
+                                          "fused_loss": trainer.fused_loss,
+                                          "memory_plan": trainer.memory_plan.describe() if trainer.memory_plan else None,
                                           "changed": changed_options(config)})
     return trainer
 

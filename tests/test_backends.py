@@ -31,10 +31,25 @@ def test_auto_without_unsloth_is_transformers(monkeypatch):
     assert backends.resolve_backend("auto") == "transformers"
 
 
-def test_auto_with_unsloth_and_gpu_is_unsloth(monkeypatch):
+def test_auto_with_unsloth_and_gpu_is_still_transformers(monkeypatch):
+    """Measured: the package's planned, packed path beats Unsloth at every budget; Unsloth only when named."""
     monkeypatch.setattr(backends, "_cuda", lambda: True)
     monkeypatch.setattr(backends, "_installed", lambda m: True)
-    assert backends.resolve_backend("auto") == "unsloth"
+    assert backends.resolve_backend("auto") == "transformers"
+    assert backends.resolve_backend("unsloth") == "unsloth"
+
+
+def test_fused_loss_with_auto_backend_is_not_refused(monkeypatch):
+    """`--fused-loss` used to stop a run where auto picked Unsloth; only naming both sides is an error."""
+    from hf_instruct_tune.config import TrainConfig
+    from hf_instruct_tune.errors import InputError
+    from hf_instruct_tune.training import _load_model
+
+    monkeypatch.setattr(backends, "_cuda", lambda: True)
+    monkeypatch.setattr(backends, "_installed", lambda m: True)
+    assert backends.resolve_backend(TrainConfig(fused_loss=True).backend) == "transformers"
+    with pytest.raises(InputError, match="Unsloth computes its own fused loss"):
+        _load_model(TrainConfig(fused_loss=True, backend="unsloth"), spec=None, backend="unsloth")
 
 
 def test_transformers_is_transformers(no_gpu):

@@ -101,7 +101,7 @@ def _run(tok, tmp_path, *, fused, packing, train_dataset=None):
                      gradient_accumulation_steps=2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
                      learning_rate=1e-2, max_length=128, seed=0, dataloader_num_workers=0, packing=packing)
     trainer = InstructTrainer(build_tiny_model(tok), args, train_dataset=train_dataset or Dataset.from_list(ROWS * 2),
-                              processing_class=tok, fused_loss=fused,
+                              processing_class=tok, fused_loss=fused, prefix_sharing=False,
                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      task_type="CAUSAL_LM"))
     trainer.train()
@@ -111,9 +111,22 @@ def _run(tok, tmp_path, *, fused, packing, train_dataset=None):
 
 @pytest.mark.parametrize("packing", [False, True])
 def test_trainer_fused_loss_logs_the_same_losses(tok, tmp_path, monkeypatch, packing):
+    import hf_instruct_tune.loss
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    fused_cross_entropy_ = hf_instruct_tune.loss.fused_cross_entropy
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return fused_cross_entropy_(*args, **kwargs)
+
+    monkeypatch.setattr(hf_instruct_tune.loss, "fused_cross_entropy", counted)
     _, plain = _run(tok, tmp_path, fused=False, packing=packing)
+    assert not calls
     trainer, fused = _run(tok, tmp_path, fused=True, packing=packing)
+    assert len(calls) == 4  # 2 steps of 2 micro-batches, each through the fused loss on hidden states
+    assert all(shape[-1] == 32 for shape in calls)  # the hidden size, not the vocabulary
     assert len(fused) == len(plain) == 2
     assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-5)
     head = trainer.model.get_output_embeddings()
@@ -138,8 +151,9 @@ def test_train_config_flags():
     from hf_instruct_tune.training import _attn_implementation
 
     assert TrainConfig(fused_loss="true").fused_loss is True
-    with pytest.raises(InputError, match="offload_embeddings"):
-        TrainConfig(offload_embeddings=True)
+    assert TrainConfig(offload_embeddings=True).offload_embeddings is True  # any base, not only 4-bit
+    with pytest.raises(InputError, match="max_memory"):
+        TrainConfig(max_memory=0)
     with pytest.raises(InputError, match="attn_implementation"):
         TrainConfig(attn_implementation="flash")
     assert _attn_implementation(TrainConfig(attn_implementation="eager")) == "eager"

@@ -1,0 +1,66 @@
+"""Real tokens per second of a training run (non-padding tokens over the wall time of the optimizer steps), and
+the peak GPU memory of training."""
+
+from __future__ import annotations
+
+import time
+
+from transformers import TrainerCallback
+
+WARM_STEPS = 5
+"""Steps left out of the measurement (compilation, allocator growth, the first optimizer step), at most half."""
+
+
+class Throughput(TrainerCallback):
+    """Counts the tokens the trainer feeds the model and stamps each optimizer step's end.
+
+    :meth:`tokens_per_second` is this process's rate over the steps after the first :data:`WARM_STEPS` (at most
+    half of the run); on a GPU each stamp waits for the step's kernels to finish.
+    """
+
+    def __init__(self):
+        self.tokens = 0
+        self.stamps: list[tuple[float, int]] = []
+
+    def count(self, inputs) -> None:
+        """Add the real tokens of one micro-batch (attention mask ones, or every token of a packed row)."""
+        mask = inputs.get("attention_mask")
+        ids = inputs.get("input_ids")
+        if mask is not None and mask.dim() == 2:
+            self.tokens += int(mask.sum())
+        elif ids is not None:
+            self.tokens += ids.numel()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():  # the peak of training, not of loading the model
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_memory_gib(self) -> float | None:
+        """The most GPU memory this process's tensors held since training began, in GiB (None on CPU)."""
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+    def timed_tokens(self) -> int:
+        """The tokens of the steps :meth:`tokens_per_second` measures."""
+        if len(self.stamps) < 2:
+            return 0
+        skip = min(WARM_STEPS, len(self.stamps) // 2) - 1
+        return self.stamps[-1][1] - self.stamps[max(skip, 0)][1]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.stamps.append((time.perf_counter(), self.tokens))
+
+    def tokens_per_second(self) -> float | None:
+        """This process's real tokens per second after the warm-up steps; None with fewer than two steps."""
+        if len(self.stamps) < 2:
+            return None
+        skip = min(WARM_STEPS, len(self.stamps) // 2) - 1
+        (start, tokens_before), (end, tokens_after) = self.stamps[max(skip, 0)], self.stamps[-1]
+        return (tokens_after - tokens_before) / (end - start) if end > start else None
