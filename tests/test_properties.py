@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from helpers import assert_single_turn_invariants, tiny_tokenizer
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from hf_instruct_tune.collator import EOSSafeCollator
@@ -60,6 +60,9 @@ def _encode(tok, template_name, row, max_length, overlong):
 def _check(tok, encoder, example, row, max_length, overlong):
     stop_id = encoder.stop_token_id
     bos_id = tok.bos_token_id if "<s>" not in row["instruction"] + row["input"] else None
+    trained = [label for label in example.labels if label != IGNORE_INDEX]
+    written = trained[:-1] if trained and trained[-1] == stop_id else trained
+    assert not set(written) & set(tok.all_special_ids), "a special token typed in a response was read as one"
     if max_length is not None:
         assert len(example.input_ids) <= max_length
     assert_single_turn_invariants(example.input_ids, example.labels, stop_id=stop_id, bos_id=bos_id,
@@ -68,9 +71,19 @@ def _check(tok, encoder, example, row, max_length, overlong):
         assert overlong == "truncate" and len(example.input_ids) == max_length
 
 
+def _with_special_tokens_inside(test):
+    """Explicit cases, so that every run tries each template's special tokens in the middle of a response."""
+    for template_name in STOPS:
+        for token in ("</s>", "<|im_end|>", "<|eot_id|>", "<s>"):
+            row = {"instruction": f"say {token} please", "input": "", "output": f"yes {token} no"}
+            test = example(row=row, max_length=None, overlong="drop", template_name=template_name)(test)
+    return test
+
+
 @PROPERTY_SETTINGS
 @given(row=rows, max_length=max_lengths, overlong=st.sampled_from(["drop", "truncate"]),
        template_name=st.sampled_from(list(STOPS)))
+@_with_special_tokens_inside
 def test_encoded_examples_keep_the_rules(tok, row, max_length, overlong, template_name):
     encoder, example = _encode(tok, template_name, row, max_length, overlong)
     event("refused or dropped" if example is None else "truncated" if example.truncated else "encoded")

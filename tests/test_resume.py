@@ -92,6 +92,25 @@ def _loss_history(folder: Path) -> list[dict]:
     return json.loads((folder / METADATA_FILE_NAME).read_text())["results"]["loss_history"]
 
 
+def _record_steps(monkeypatch) -> list[int]:
+    """The optimizer steps that in-process runs train from now on, by the global step each one reaches.
+
+    A resumed run trains only the steps after its checkpoint; a restart from scratch would train all of them
+    and, being deterministic, reproduce the same adapter, so the weights alone cannot tell the two apart.
+    """
+    from hf_instruct_tune.checkpoints import SaveOnInterrupt
+
+    trained: list[int] = []
+    step_end = SaveOnInterrupt.on_step_end
+
+    def record(self, args, state, control, **kwargs):
+        trained.append(state.global_step)
+        return step_end(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(SaveOnInterrupt, "on_step_end", record)
+    return trained
+
+
 def _assert_same_run(folder: Path, reference: Path) -> None:
     ours, theirs = _weights(folder), _weights(reference)
     assert ours.keys() == theirs.keys()
@@ -103,7 +122,7 @@ def _assert_same_run(folder: Path, reference: Path) -> None:
     torch.testing.assert_close([e["loss"] for e in history], [e["loss"] for e in expected], rtol=1e-5, atol=1e-6)
 
 
-def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, reference, tmp_path):
+def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, reference, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     process = _start(_args(setup, out), delay=0.3)
     _wait_for(process, out / CHECKPOINTS_DIR / "checkpoint-4" / "trainer_state.json")
@@ -124,7 +143,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, reference, tmp_
     (torn / "trainer_state.json").write_text('{"global_step": ')
     assert last_checkpoint(out) == kept
 
+    trained = _record_steps(monkeypatch)
     assert main(_args(setup, out, "--resume")) == 0
+    assert trained == list(range(step + 1, 13))
     assert not partial.exists() and not torn.exists()
     _assert_same_run(out, reference)
 
@@ -136,7 +157,7 @@ def test_resume_without_a_checkpoint_is_an_input_error(setup, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_sigint_saves_a_checkpoint_and_says_how_to_resume(setup, tmp_path):
+def test_sigint_saves_a_checkpoint_and_says_how_to_resume(setup, tmp_path, monkeypatch):
     out = tmp_path / "adapter"
     process = _start(_args(setup, out, steps=40), delay=0.3)
     _wait_for(process, out / CHECKPOINTS_DIR / "checkpoint-4" / "trainer_state.json")
@@ -152,7 +173,9 @@ def test_sigint_saves_a_checkpoint_and_says_how_to_resume(setup, tmp_path):
     assert 4 < step < 40 and saved.name == f"checkpoint-{step}"
     assert not (out / "adapter_config.json").exists()
 
+    trained = _record_steps(monkeypatch)
     assert main(_args(setup, out, "--resume", steps=step + 2)) == 0
+    assert trained == [step + 1, step + 2]
     assert json.loads((out / METADATA_FILE_NAME).read_text())["results"]["global_step"] == step + 2
 
 
@@ -237,5 +260,7 @@ def test_disk_full_during_a_checkpoint_then_resume(setup, reference, tmp_path, m
     from safetensors.torch import save_file
 
     monkeypatch.setattr(peft.peft_model, "safe_save_file", save_file)  # space was freed
+    trained = _record_steps(monkeypatch)
     assert main(_args(setup, out, "--resume")) == 0
+    assert trained == list(range(5, 13))
     _assert_same_run(out, reference)

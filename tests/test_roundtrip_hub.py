@@ -91,6 +91,20 @@ def test_generate_with_a_repo_id_matches_the_local_folder(hub_server, tiny_adapt
     assert answers[0] == answers[1] and answers[0].strip()
 
 
+def test_generate_runs_the_adapter_not_the_base(tiny_adapter):
+    from transformers import AutoModelForCausalLM
+
+    from hf_instruct_tune.generation import AdapterGenerator
+
+    base_dir, adapter_dir, adapter_logits = tiny_adapter
+    generator = AdapterGenerator(adapter_dir, model=str(base_dir))
+    with torch.no_grad():
+        logits = generator.model(torch.tensor(INPUT_IDS)).logits
+        base_logits = AutoModelForCausalLM.from_pretrained(base_dir).eval()(torch.tensor(INPUT_IDS)).logits
+    assert not torch.allclose(adapter_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(logits, adapter_logits)
+
+
 def test_export_merged_matches_adapter(tiny_adapter, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -191,6 +191,14 @@ def test_adapters_load_from_safetensors_without_unpickling(tiny_model, tmp_path,
     generator = AdapterGenerator(adapter, model=str(tiny_model))
     [result] = generator.generate([[{"role": "user", "content": "hello"}]], max_new_tokens=2)
     assert result.finish_reason in {"eos", "length"}
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    loaded = get_peft_model_state_dict(generator.model)
+    assert saved.keys() == loaded.keys() and saved
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, msg=name)
 
 
 def test_trust_remote_code_is_off_by_default_and_warns_when_on(tiny_model, tmp_path, monkeypatch, caplog):
