@@ -10,5 +10,8 @@ export PYTHONPATH=/tmp/site:/tmp/pkg
 OUT=${OUT:-/tmp/gpu-bench}; mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, trl, peft, bitsandbytes; print('torch', torch.__version__, 'transformers', transformers.__version__, 'trl', trl.__version__, 'peft', peft.__version__, 'bnb', bitsandbytes.__version__)"
-python3 bench/gpu_bench.py check 2>&1 | grep -E "CHECK|Error"
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # every stack alike, not only the package's runs
+python3 bench/gpu_bench.py check > "$OUT/check.txt" 2>&1; rc=$?
+grep -E "CHECK|Error" "$OUT/check.txt"
+[ $rc = 0 ] || { echo "packed-vs-padded check failed: stopping"; exit 1; }
 python3 bench/gpu_bench.py all ${MODEL_DIR:-/tmp/llama3-8b-random} "$OUT"

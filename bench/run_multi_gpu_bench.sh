@@ -1,17 +1,29 @@
 #!/bin/bash
-# On a machine with 2+ GPUs, from the repository root: the best hf_instruct_tune setting on 1 GPU, then the
-# same per-GPU workload under DDP (`accelerate launch --num_processes N`), one 4-bit base per GPU.
-# OUT: where logs and multi_gpu.json go. NPROC: processes (default 2).
+# On a machine with 2+ GPUs, from the repository root: one GPU (CUDA_VISIBLE_DEVICES=0) against DDP and FSDP on
+# NPROC GPUs, bf16 LoRA and QLoRA, the same per-GPU workload (16 rows per process per step), each run through
+# `hf-instruct-tune train` (bench/gpu_frontier.py cli). Then every adapter is loaded with
+# PeftModel.from_pretrained and checked whole (bench/multi_gpu.py adapters). Results: $OUT/multi_gpu.json.
+set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-OUT=${OUT:-/tmp/multi-gpu-bench}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; V=${VARIANT:-best}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
+export PYTHONPATH=/tmp/site:/tmp/pkg
+OUT=${OUT:-/tmp/multi-gpu-bench}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; N=${NPROC:-2}; DATA=/tmp/frontier_rows.jsonl
+mkdir -p $OUT
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
 [ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1
-# ONE_GPU_LOG: a log of `gpu_bench.py train hit` with variant $V from this machine, instead of running it again
-[ -n "$ONE_GPU_LOG" ] && cp "$ONE_GPU_LOG" $OUT/log_1gpu.txt || python3 bench/gpu_bench.py train hit $M --variants $V > $OUT/log_1gpu.txt 2>&1
-accelerate launch --multi_gpu --num_processes ${NPROC:-2} --mixed_precision bf16 \
-  bench/gpu_bench.py train hit $M --variants $V > $OUT/log_ddp.txt 2>&1
-grep -h "^RESULT.*\"variant\": \"$V\"" $OUT/log_1gpu.txt $OUT/log_ddp.txt | sed 's/^RESULT //' | python3 -c 'import sys,json; print(json.dumps([json.loads(l) for l in sys.stdin], indent=1))' > $OUT/multi_gpu.json
-python3 bench/gpu_bench.py multi-table $OUT/multi_gpu.json
-grep -E "Error|error" $OUT/log_ddp.txt | tail -5
+[ -f $DATA ] || python3 bench/gpu_frontier.py data $DATA
+ROWS="--batch-size 16 --grad-accum 1"
+run() { name=$1; shift; timeout ${RUN_TIMEOUT:-200} python3 bench/gpu_frontier.py cli $name $M $DATA $OUT $ROWS "$@" \
+  2>&1 | grep "^RESULT" | sed 's/^RESULT //' >> $OUT/multi_gpu.jsonl; tail -c 600 $OUT/log_cli_$name.txt | grep -iE "error|memory plan" ; }
+for setting in ${SETTINGS:-"qlora_1gpu --load-in-4bit" "qlora_ddp --load-in-4bit --num-processes $N" \
+    "qlora_fsdp --load-in-4bit --fsdp --num-processes $N" "bf16_1gpu" "bf16_fsdp --fsdp --num-processes $N"}; do
+  set -- $setting; name=$1; shift
+  case "$name" in *_1gpu) CUDA_VISIBLE_DEVICES=0 run $name "$@";; *) run $name "$@";; esac
+done
+python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
+  $OUT/multi_gpu.jsonl > $OUT/multi_gpu.json
+timeout 240 python3 bench/multi_gpu.py adapters $M $OUT > $OUT/adapters.json 2>$OUT/adapters_err.txt || tail -5 $OUT/adapters_err.txt
+python3 bench/multi_gpu.py table $OUT/multi_gpu.json $OUT/adapters.json

@@ -1,0 +1,116 @@
+"""The speed-memory frontier: this package through its CLI at each memory budget, against the baselines.
+
+The package runs as a user runs it, `hf-instruct-tune train` with `--load-in-4bit` and the notebook's batch
+(4 x 4, so 16 rows per step), once with no other flag (the memory plan uses the free GPU memory) and once per
+`--max-memory B`; its tokens/s, timed tokens and peak come from the run's own `hf_instruct_tune.json`.
+The baselines (`gpu_bench.py train hf|unsloth`) train on the same token ids, in the same order, with the same
+allocator settings and the same timed steps (6 to 10).
+
+usage (on the GPU machine, see bench/run_gpu_frontier.sh):
+  python bench/gpu_frontier.py data OUT.jsonl                       # the bench rows as `text` rows
+  python bench/gpu_frontier.py cli NAME MODEL_DIR DATA OUTDIR [FLAGS...]   # one CLI run -> RESULT line
+  python bench/gpu_frontier.py table RESULTS.json                   # the frontier table (markdown)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import gpu_bench  # noqa: E402
+
+BUDGETS = [8, 12, 32, 64, None]  # GiB; None: no limit
+BOUND_FULL, BOUND_RECOMPUTE = 24_700, 16_500  # tok/s: 4 (6 with recompute) FLOP per parameter per token at ~790 TFLOP/s
+
+
+def data(out: str) -> None:
+    """Write the bench rows as `text` rows: with `--formatter text --template raw` the package encodes each one
+    as the baselines' `_features` do (the words' ids, then the EOS)."""
+    with open(out, "w") as fh:
+        for row in gpu_bench.rows():
+            fh.write(json.dumps({"text": row["text"]}) + "\n")
+    print(json.dumps({"rows": len(gpu_bench.rows()), "file": out}))
+
+
+def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]) -> dict:
+    """Run `hf-instruct-tune train` once; the RESULT comes from the adapter's `hf_instruct_tune.json`."""
+    out = os.path.join(outdir, f"adapter_{name}")
+    command = [sys.executable, "-m", "hf_instruct_tune", "train", "--model", model_dir, "--data", data_file,
+               "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",
+               "--max-steps", str(gpu_bench.STEPS), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",
+               "--warmup-steps", "5", *flags]
+    start = time.time()
+    log = os.path.join(outdir, f"log_cli_{name}.txt")
+    with open(log, "w") as fh:
+        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT).returncode
+    result = {"stack": "hit-cli", "variant": name, "flags": " ".join(flags), "wall_s": round(time.time() - start, 1)}
+    if code != 0:
+        result["error"] = f"exit {code}: " + open(log).read()[-300:]
+    else:
+        meta = json.load(open(os.path.join(out, "hf_instruct_tune.json")))
+        results, training = meta["results"], meta["training"]
+        result.update(real_tokens_per_s=results["tokens_per_second"], timed_tokens=results["timed_tokens"],
+                      peak_alloc_gib=max(results["peak_memory_gib_per_process"] or [0.0]),
+                      peak_per_process=results["peak_memory_gib_per_process"], world=training.get("world_size", 1),
+                      plan=training.get("memory_plan"), losses=[e["loss"] for e in results["loss_history"]])
+    print("RESULT " + json.dumps(result), flush=True)
+    return result
+
+
+def _fits(result: dict, budget: float | None) -> bool:
+    return "error" not in result and (budget is None or result["peak_alloc_gib"] <= budget)
+
+
+def _cell(result: dict | None) -> str:
+    return f"{result['real_tokens_per_s']:,.0f} @ {result['peak_alloc_gib']:.1f}" if result else ""
+
+
+def table(results: list[dict]) -> str:
+    """One row per budget: the package's CLI run for it, and the fastest baseline run whose peak fits it."""
+    package = {r["variant"]: r for r in results if r["stack"] == "hit-cli"}
+    lines = ["| budget | this package, CLI | real tok/s @ peak GiB | share of bound | best Unsloth that fits | "
+             "real tok/s @ peak GiB | best transformers+peft that fits | ratio vs Unsloth |",
+             "|---|---|---:|---:|---|---:|---|---:|"]
+    for budget in BUDGETS:
+        name = f"max_memory_{budget}" if budget else "default"
+        ours = package.get(name)
+        best = {}
+        for stack in ("unsloth", "hf"):
+            fitting = [r for r in results if r["stack"] == stack and _fits(r, budget)]
+            best[stack] = max(fitting, key=lambda r: r["real_tokens_per_s"], default=None)
+        label = f"{budget} GiB" if budget else "no limit"
+        if ours is None or "error" in ours:
+            cell = f"failed: {ours['error'][:60]}" if ours else "not run"
+            lines.append(f"| {label} | {cell} | | | | | | |")
+            continue
+        plan = (ours.get("plan") or "").replace("Memory plan: ", "")
+        flags = ours["flags"] or "(default flags)"
+        share = ours["real_tokens_per_s"] / BOUND_RECOMPUTE if "0/" not in plan.split(";")[1] else \
+            ours["real_tokens_per_s"] / BOUND_FULL
+        u, h = best["unsloth"], best["hf"]
+        over = "" if _fits(ours, budget) else " (over budget)"
+        ratio = f"{ours['real_tokens_per_s'] / u['real_tokens_per_s']:.2f}" if u else ""
+        lines.append(f"| {label} | `{flags}`: {plan} | {_cell(ours)}{over} | {share:.0%} | "
+                     f"{u['variant'] if u else 'none fits'} | {_cell(u)} | "
+                     f"{h['variant'] + ': ' + _cell(h) if h else 'none fits'} | {ratio} |")
+    tokens = sorted({r.get("timed_tokens") for r in results if "error" not in r})
+    lines.append("")
+    lines.append(f"Timed tokens per run (steps 6-{gpu_bench.STEPS}): {', '.join(f'{t:,}' for t in tokens)}"
+                 f"{' (identical)' if len(tokens) == 1 else ''}.")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    cmd = sys.argv[1]
+    if cmd == "data":
+        data(sys.argv[2])
+    elif cmd == "cli":
+        cli(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5], sys.argv[6:])
+    elif cmd == "table":
+        print(table(json.load(open(sys.argv[2]))))
+    else:
+        sys.exit(__doc__)

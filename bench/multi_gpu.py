@@ -1,0 +1,92 @@
+"""Multi-GPU bench results: the table (one GPU, DDP, FSDP) and the check that each saved adapter is whole.
+
+usage (see bench/run_multi_gpu_bench.sh):
+  python bench/multi_gpu.py adapters MODEL_DIR OUT        # every OUT/adapter_* -> JSON on stdout (GPU)
+  python bench/multi_gpu.py table multi_gpu.json [adapters.json]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def adapters(model_dir: str, out: str) -> None:
+    """Load each adapter with PeftModel.from_pretrained on one GPU: whole (every layer and target, full shapes,
+    trained B), and its effect on the logits of a fixed input, compared between the runs."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    folders = sorted(f for f in os.listdir(out) if f.startswith("adapter_"))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16, device_map={"": device})
+    layers = base.config.num_hidden_layers
+    ids = torch.randint(1000, min(120000, base.config.vocab_size), (1, 256), generator=torch.Generator().manual_seed(0)).to(device)
+    with torch.no_grad():
+        reference = base(input_ids=ids).logits.float()
+    report, model = {}, None
+    for folder in folders:
+        name = folder[len("adapter_"):]
+        path = os.path.join(out, folder)
+        weights = load_file(os.path.join(path, "adapter_model.safetensors"))
+        expected = layers * len(TARGETS) * 2
+        empty_b = [k for k, v in weights.items() if "lora_B" in k and float(v.float().abs().max()) == 0.0]
+        shapes_ok = all(v.dim() == 2 and min(v.shape) == 16 and max(v.shape) >= base.config.hidden_size for v in weights.values())
+        if model is None:
+            model = PeftModel.from_pretrained(base, path, adapter_name=name)
+        else:
+            model.load_adapter(path, adapter_name=name)
+        model.set_adapter(name)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits.float()
+        report[name] = {"tensors": len(weights), "expected_tensors": expected, "shapes_whole": shapes_ok,
+                        "untrained_lora_B": len(empty_b), "loads": True,
+                        "logit_change_vs_base": float((logits - reference).norm() / reference.norm()),
+                        "delta": (logits - reference).cpu()}
+    for name, entry in report.items():  # the distributed adapter's effect against the 1-GPU one of its kind
+        kind = name.split("_")[0]
+        one = report.get(f"{kind}_1gpu")
+        if one is not None and name != f"{kind}_1gpu":
+            entry["delta_rel_diff_vs_1gpu"] = float((entry["delta"] - one["delta"]).norm() / one["delta"].norm())
+    for entry in report.values():
+        del entry["delta"]
+    print(json.dumps(report, indent=1))
+
+
+def table(results: list[dict], checks: dict | None = None) -> str:
+    by_name = {r["variant"]: r for r in results}
+    lines = ["| setup | real tok/s per GPU | total real tok/s (sum of ranks) | peak GiB per GPU | scaling efficiency | "
+             "adapter (tensors, loads, vs 1 GPU) |", "|---|---:|---:|---:|---:|---|"]
+    for r in results:
+        name = r["variant"]
+        if "error" in r:
+            lines.append(f"| {name} | failed: {r['error'][-160:]!r} | | | | |")
+            continue
+        world = r.get("world", 1) or 1
+        one = by_name.get(name.split("_")[0] + "_1gpu")
+        eff = (f"{r['real_tokens_per_s'] / (world * one['real_tokens_per_s']):.0%}"
+               if one and "error" not in one and world > 1 else ("100%" if world == 1 else "n/a"))
+        peaks = ", ".join(f"{p:.1f}" for p in (r.get("peak_per_process") or []))
+        check = (checks or {}).get(name)
+        adapter = (f"{check['tensors']}/{check['expected_tensors']}, loads"
+                   f"{', untrained B: %d' % check['untrained_lora_B'] if check['untrained_lora_B'] else ''}"
+                   f"{', effect differs from 1 GPU by %.1f%%' % (100 * check['delta_rel_diff_vs_1gpu']) if 'delta_rel_diff_vs_1gpu' in check else ''}"
+                   if check else "not checked")
+        lines.append(f"| {name}: `{r['flags']}` | {r['real_tokens_per_s'] / world:,.0f} | {r['real_tokens_per_s']:,.0f} | "
+                     f"{peaks} | {eff} | {adapter} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "adapters":
+        adapters(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "table":
+        checks = json.load(open(sys.argv[3])) if len(sys.argv) > 3 and os.path.getsize(sys.argv[3]) else None
+        print(table(json.load(open(sys.argv[2])), checks))
+    else:
+        sys.exit(__doc__)

@@ -1,0 +1,39 @@
+#!/bin/bash
+# On one GPU, from the repository root: the frontier of bench/gpu_frontier.py, in two parts of under 10 minutes
+# that share /tmp on one machine. PART=package: check packing on the GPU (stops on failure), then the package
+# through its CLI with default flags and each --max-memory B. PART=baselines: Unsloth and transformers+peft at
+# their best shapes, and the profile of one step (bench/gpu_profile.py). Every stack gets the same allocator
+# settings and the same token ids. Results: $OUT/frontier_<part>.json; merge and tabulate with
+#   python bench/gpu_frontier.py table merged.json
+set -uo pipefail
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # every stack alike (the package's CLI sets it too)
+[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
+# the installed layout (setup.cfg maps templates/ and cards/ into the package)
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
+export PYTHONPATH=/tmp/site:/tmp/pkg
+OUT=${OUT:-/tmp/frontier}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=/tmp/frontier_rows.jsonl; PART=${PART:-package}
+mkdir -p $OUT
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+[ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1
+[ -f $DATA ] || python3 bench/gpu_frontier.py data $DATA
+run() { timeout ${RUN_TIMEOUT:-170} "$@" 2>&1 | tee -a $OUT/log_$PART.txt | grep "^RESULT" | sed 's/^RESULT //' >> $OUT/frontier_$PART.jsonl; }
+if [ "$PART" = package ]; then
+  python3 bench/gpu_bench.py check > $OUT/check.txt 2>&1; rc=$?
+  grep -E "CHECK|Error" $OUT/check.txt
+  [ $rc = 0 ] || { echo "packed-vs-padded check failed: stopping"; exit 1; }
+  run python3 bench/gpu_frontier.py cli default $M $DATA $OUT --load-in-4bit
+  for B in ${BUDGETS:-8 12 32 64}; do
+    run python3 bench/gpu_frontier.py cli max_memory_$B $M $DATA $OUT --load-in-4bit --max-memory $B
+  done
+else
+  for cfg in ${BASELINES:-"unsloth --bs 16 --ga 1 --padding-free" "unsloth --bs 16 --ga 1" \
+             "unsloth --bs 16 --ga 1 --padding-free --no-ckpt" "hf --bs 4 --ga 4"}; do
+    set -- $cfg; stack=$1; shift
+    run python3 bench/gpu_bench.py train $stack $M "$@"
+  done
+  timeout 200 python3 bench/gpu_profile.py $M $OUT/profile.json > $OUT/profile.md 2>$OUT/profile_err.txt || tail -5 $OUT/profile_err.txt
+fi
+python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
+  $OUT/frontier_$PART.jsonl > $OUT/frontier_$PART.json
+cut -c1-400 $OUT/frontier_$PART.jsonl
