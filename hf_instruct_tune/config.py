@@ -16,6 +16,7 @@ from .models import DEFAULT_MODEL
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 DEFAULT_MAX_STEPS = 60
+_DATA_SUFFIXES = {".json", ".jsonl", ".csv", ".parquet"}
 _SECRET_KEYS = {"token", "hf_token", "hub_token", "api_key", "password"}
 
 
@@ -43,13 +44,15 @@ class TrainConfig:
         f"Optimizer steps (default: {DEFAULT_MAX_STEPS}, or -1 when --epochs is given)."))
     epochs: float | None = field(default=None, metadata=_help("Passes over the data; used when --max-steps is -1."))
     lr: float = field(default=2e-4, metadata=_help("Peak learning rate."))
-    warmup_steps: int = field(default=5, metadata=_help("Linear warm-up steps."))
+    warmup_steps: int = field(default=5, metadata=_help(
+        "Linear warm-up steps, at most a tenth of the run's steps (the log says how many ran)."))
     lr_scheduler: str = field(default="linear", metadata=_help("Learning-rate schedule (transformers' names)."))
     weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay."))
     batch_size: int = field(default=4, metadata=_help("Examples per device per micro-batch."))
     grad_accum: int = field(default=4, metadata=_help("Micro-batches per optimizer step."))
     lora_r: int = field(default=16, metadata=_help("LoRA rank."))
-    lora_alpha: int = field(default=16, metadata=_help("LoRA alpha (scale = alpha / r)."))
+    lora_alpha: int = field(default=16, metadata=_help(
+        "LoRA alpha: adapters are scaled by alpha/sqrt(r) (rank-stabilized, the default) or alpha/r with --no-rslora."))
     lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout."))
     rslora: bool = field(default=True, metadata=_help(
         "Rank-stabilized LoRA: scale adapters by alpha/sqrt(r) instead of alpha/r (--no-rslora for alpha/r)."))
@@ -87,6 +90,9 @@ class TrainConfig:
         "Peak memory budget per GPU in GiB for the memory plan (default: the GPU's free memory)."))
     seed: int = field(default=3407, metadata=_help("Random seed."))
     logging_steps: int = field(default=1, metadata=_help("Log the loss every N steps."))
+    report_to: list[str] = field(default_factory=lambda: ["none"], metadata=_help(
+        "Where training logs go: none, or trackers transformers supports, comma-separated (tensorboard, wandb, "
+        "trackio, mlflow, ...). TensorBoard writes to <output-dir>/checkpoints/runs."))
     save_steps: int | None = field(default=None, metadata=_help("Write a checkpoint every N steps."))
     save_total_limit: int | None = field(default=2, metadata=_help("Checkpoints to keep."))
     resume: bool = field(default=False, metadata=_help("Continue from the last checkpoint in --output-dir."))
@@ -139,12 +145,16 @@ class TrainConfig:
                              field="max_memory")
         if not 0 <= self.lora_dropout < 1:
             raise InputError(f"`lora_dropout` should be in [0, 1), got {self.lora_dropout}.", field="lora_dropout")
+        if self.report_to != ["none"]:
+            from .reporting import check_report_to
+
+            check_report_to(self.report_to)
 
 
 # Options that say where things are or what to do with the result, rather than how to train.
 _NOT_HYPERPARAMETERS = {"data", "model", "output_dir", "formatter", "template", "base_model_id", "dataset_name",
                         "eval_data", "resume", "overwrite", "push_to", "private", "endpoint", "num_processes",
-                        "language", "license", "save_steps", "save_total_limit", "logging_steps", "trust_remote_code",
+                        "language", "license", "save_steps", "save_total_limit", "logging_steps", "report_to", "trust_remote_code",
                         "allow_pickle", "memory_plan", "max_memory", "fsdp"}
 
 
@@ -209,6 +219,8 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise InputError("config file not found", source=str(path))
+    if path.suffix.lower() in _DATA_SUFFIXES:
+        raise InputError(f"is a data file, not a YAML config: pass it with --data {path}", source=str(path))
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
@@ -219,17 +231,21 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise InputError("is not UTF-8 text", source=str(path)) from None
     if not isinstance(values, dict):
-        raise InputError(f"expected a mapping of option names to values, got {type(values).__name__}",
-                         source=str(path))
+        data_hint = f"; if this is training data, pass it with --data {path}" if isinstance(values, list) else ""
+        raise InputError(f"expected a YAML config (a mapping of option names to values), got a "
+                         f"{type(values).__name__}{data_hint}", source=str(path))
     known = {item.name for item in dataclasses.fields(TrainConfig)}
     normalized = {}
     for key, value in values.items():
-        name = str(key).replace("-", "_")
-        if name.lower() in _SECRET_KEYS:
+        name = str(key)
+        if name.replace("-", "_").lower() in _SECRET_KEYS:
             raise InputError("configs must not hold secrets; set HF_TOKEN or run `hf auth login` instead",
                              source=str(path), location=_key_line(path, key), field=str(key))
         if name not in known:
-            raise InputError(f"unknown option.{did_you_mean(name, known)}", source=str(path),
+            underscored = name.replace("-", "_")
+            hint = (f" YAML keys are spelled with underscores: did you mean '{underscored}'?"
+                    if underscored in known else did_you_mean(name, known))
+            raise InputError(f"unknown option.{hint}", source=str(path),
                              location=_key_line(path, key), field=str(key))
         normalized[name] = value
     return normalized

@@ -54,6 +54,29 @@ def did_you_mean(name: str, choices: Iterable[str]) -> str:
     return f" Did you mean '{match[0]}'?" if match else ""
 
 
+# Column names that datasets use for what a formatter reads under another name.
+COLUMN_ALIASES = {
+    "output": ("response", "answer", "target"),
+    "instruction": ("question", "query"),
+    "input": ("context",),
+}
+
+
+def column_for(field: str, columns: Iterable[str]) -> str | None:
+    """The column of ``columns`` that is most likely ``field`` misspelled or under another name, if any."""
+    columns = [str(column) for column in columns if str(column) != field]
+    match = difflib.get_close_matches(field, columns, n=1, cutoff=0.6)
+    if match:
+        return match[0]
+    return next((column for column in columns if column.lower() in COLUMN_ALIASES.get(field, ())), None)
+
+
+def rename_hint(field: str, columns: Iterable[str]) -> str:
+    """``" Rename 'instrction' to 'instruction'."`` when a column looks meant as ``field``."""
+    column = column_for(field, columns)
+    return f" Rename '{column}' to '{field}'." if column else ""
+
+
 def unknown_name(kind: str, name: str, available: Iterable[str]) -> InputError:
     """The error for an unknown registry name, listing the known ones."""
     available = sorted(available)

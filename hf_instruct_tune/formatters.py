@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .errors import InputError, did_you_mean
+from .errors import InputError, column_for, rename_hint
 from .registry import Registry, decorator_for
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,7 @@ def text_field(row: Mapping[str, Any], field: str, *, required: bool = True, all
     if field not in row or (row[field] is None and not required):
         if not required:
             return ""
-        hint = did_you_mean(field, [str(key) for key in row])
-        raise FieldError(field, f"missing; the row has {sorted(map(str, row))}.{hint}")
+        raise FieldError(field, f"missing; the row has {sorted(map(str, row))}.{rename_hint(field, row)}")
     value = row[field]
     if value is None:
         if required:
@@ -129,7 +128,7 @@ def _conversation(row: Mapping[str, Any], field: str, role_key: str, content_key
 
 def _turn_list(row: Mapping[str, Any], field: str) -> Sequence:
     if field not in row:
-        raise FieldError(field, f"missing; the row has {sorted(map(str, row))}.{did_you_mean(field, list(map(str, row)))}")
+        raise FieldError(field, f"missing; the row has {sorted(map(str, row))}.{rename_hint(field, row)}")
     turns = row[field]
     if not isinstance(turns, Sequence) or isinstance(turns, str):
         raise FieldError(field, f"expected a list of turns, got {type(turns).__name__}")
@@ -172,10 +171,9 @@ def detect_formatter(columns: Sequence[str], *, source: str | None = None, locat
     for _, required in _SIGNATURES:  # the first signature that one renamed column would complete
         missing = [column for column in required if column not in present]
         if len(missing) == 1:
-            close = did_you_mean(missing[0], sorted(map(str, present - set(required))))
-            if close:
-                culprit = close.split("'")[1]
-                hint = f" The row has '{culprit}'. Did you mean '{missing[0]}'?"
+            culprit = column_for(missing[0], sorted(map(str, present - set(required))))
+            if culprit:
+                hint = rename_hint(missing[0], [culprit])
                 break
     raise InputError(
         f"cannot detect the formatter from the columns {sorted(present)}. Expected one of: {expected}. "

@@ -25,7 +25,8 @@ from .language import guess_language
 from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
-from .metadata import TrainingMetadata, framework_versions, write_text_atomic
+from .metadata import METADATA_FILE_NAME, TrainingMetadata, framework_versions, write_text_atomic
+from .outputs import file_state, make_readable, written_since
 from .throughput import Throughput
 from .templating import TEMPLATE_FILE_NAME, PromptTemplate, get_template
 from .chat_encoding import encoder_for
@@ -439,12 +440,20 @@ class InstructTrainer(SFTTrainer):
 
         Checkpoints (``_internal_call``) get everything but the card.
         """
+        folder = Path(output_dir or self.args.output_dir)
+        before = file_state(folder) if self.args.should_save else {}
         with self._lm_head_restored():
             super().save_model(output_dir, _internal_call)
         if self.args.should_save:
-            self.save_run_files(output_dir or self.args.output_dir)
+            written = written_since(folder, before)
+            for name in written:
+                make_readable(folder / name)
+            ours = {METADATA_FILE_NAME, TEMPLATE_FILE_NAME, CHAT_TEMPLATE_FILE_NAME}
+            card = set() if _internal_call else {"README.md", "loss_curve.png"}
+            self.run_metadata.files = sorted(set(written) | ours | card)
+            self.save_run_files(folder)
             if not _internal_call:
-                self._write_card(output_dir or self.args.output_dir)
+                self._write_card(folder)
 
     def _save_checkpoint(self, model, trial):
         # Skip TRL's generic card: a checkpoint carries the metadata, and the final save writes the real card.

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import (CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint,
-                          remove_incomplete_checkpoints, replace_directory)
+                          remove_incomplete_checkpoints)
+from .outputs import ADAPTER_FILE, check_output_dir, install_run, untrained_lora
 from .config import TrainConfig, changed_options
 from .data import DataSource, row_error
 from .errors import InputError, InstructTuneError
@@ -33,6 +34,7 @@ class TrainResult:
     output_dir: Path
     global_step: int
     final_loss: float | None
+    adapter_moved: bool = True  # False when every LoRA B matrix is still 0: the adapter is the base model
 
 
 def run_training(config: TrainConfig) -> TrainResult:
@@ -65,12 +67,13 @@ def run_training(config: TrainConfig) -> TrainResult:
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError("exists and is not a folder; choose another --output-dir", source=str(output_dir),
                          field="output_dir")
+    check_output_dir(output_dir)
     backend = resolve_backend(config.backend)
     spec = resolve_model(config.model, base_model_id=config.base_model_id)
     if config.push_to:
         from .hub.push import check_write_access
 
-        check_write_access(config.push_to, endpoint=config.endpoint)
+        check_write_access(config.push_to, endpoint=config.endpoint, token_hint=None)  # train has no --token
 
     tokenizer = load_tokenizer(spec, trust_remote_code=config.trust_remote_code)
     formatter, template = _check_data(source, config.formatter, template, tokenizer)
@@ -104,7 +107,8 @@ def run_training(config: TrainConfig) -> TrainResult:
     for tokenized in (trainer.train_data, trainer.eval_data):
         if tokenized is not None:  # each rank tokenized into its own temporary folder
             tokenized.cleanup()
-    result = TrainResult(output_dir, trainer.state.global_step, trainer.run_metadata.results.get("final_loss"))
+    result = TrainResult(output_dir, trainer.state.global_step, trainer.run_metadata.results.get("final_loss"),
+                         adapter_moved=not untrained_lora(output_dir / ADAPTER_FILE))
     if config.push_to and trainer.is_world_process_zero():
         _push_after_training(config, output_dir)
     return result
@@ -250,7 +254,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
             max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
             save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
+            save_total_limit=config.save_total_limit, report_to=config.report_to, use_cpu=not cuda, bf16=bf16,
             gradient_checkpointing=(config.gradient_checkpointing is not False) if planned
             else bool(config.gradient_checkpointing) and peft_config is not None,
             gradient_checkpointing_kwargs={"use_reentrant": False},
@@ -310,7 +314,7 @@ def _save_final(trainer, output_dir: Path) -> None:
     checkpoints = output_dir / CHECKPOINTS_DIR
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         checkpoints.rename(staged / CHECKPOINTS_DIR)
-    replace_directory(staged, output_dir)
+    install_run(staged, output_dir)
     _write_card(output_dir)  # again: the card names the repo after the folder, no longer the staged one
 
 
@@ -326,7 +330,7 @@ def _push_after_training(config: TrainConfig, output_dir: Path) -> None:
     from .hub.push import push_adapter
 
     try:
-        push_adapter(output_dir, config.push_to, endpoint=config.endpoint, private=config.private)
+        push_adapter(output_dir, config.push_to, endpoint=config.endpoint, private=config.private, token_hint=None)
     except PublishError as error:
         raise PublishError(f"{error} The adapter is saved in {output_dir}; retry with: "
                            f"hf-instruct-tune upload {config.push_to} {output_dir}") from None

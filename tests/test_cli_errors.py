@@ -75,14 +75,37 @@ def test_json_list_of_non_objects(capsys, tmp_path, tiny_model):
 
 def test_misspelled_field_with_named_formatter(capsys, tmp_path, tiny_model):
     data = _jsonl(tmp_path / "d.jsonl", [{"instrction": "hello", "output": "yes"}])
-    _fails(capsys, tmp_path, _train(tiny_model, data, "--formatter", "alpaca"),
-           "d.jsonl", "line 1", "field 'instruction'", "missing", "Did you mean 'instrction'?")
+    message = _fails(capsys, tmp_path, _train(tiny_model, data, "--formatter", "alpaca"),
+                     "d.jsonl", "line 1", "field 'instruction'", "missing",
+                     "Rename 'instrction' to 'instruction'.")
+    assert "Did you mean 'instrction'" not in message  # the suggestion points from the data's name to the right one
 
 
 def test_misspelled_field_when_detecting_the_formatter(capsys, tmp_path, tiny_model):
     data = _jsonl(tmp_path / "d.jsonl", [{"instrction": "hello", "output": "yes"}])
-    _fails(capsys, tmp_path, _train(tiny_model, data), "d.jsonl", "line 1", "instrction",
-           "Did you mean 'instruction'?")
+    _fails(capsys, tmp_path, _train(tiny_model, data), "d.jsonl", "line 1", "field 'instrction'",
+           "Rename 'instrction' to 'instruction'.")
+
+
+@pytest.mark.parametrize("formatter", [[], ["--formatter", "alpaca"]])
+def test_a_column_under_another_name_gets_a_rename_hint(capsys, tmp_path, tiny_model, formatter):
+    data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "hello", "response": "yes"}])
+    _fails(capsys, tmp_path, _train(tiny_model, data, *formatter), "d.jsonl", "line 1",
+           "Rename 'response' to 'output'.")
+
+
+@pytest.mark.parametrize("name, text", [("d.json", json.dumps(ROWS)), ("d.jsonl", json.dumps(ROWS[0]) + "\n")])
+def test_data_where_the_config_goes_suggests_data(capsys, tmp_path, tiny_model, name, text):
+    data = tmp_path / name
+    data.write_text(text)
+    message = _fails(capsys, tmp_path, [str(data), "--model", str(tiny_model)], name, f"pass it with --data {data}")
+    assert "expected a mapping of option names to values, got list" not in message
+
+
+def test_yaml_that_is_a_list_suggests_data(capsys, tmp_path, tiny_model):
+    config = _yaml(tmp_path, "- instruction: hello\n  output: yes\n")
+    _fails(capsys, tmp_path, [str(config), "--model", str(tiny_model)], "config.yaml", "got a list",
+           f"if this is training data, pass it with --data {config}")
 
 
 def test_missing_field_in_a_later_row(capsys, tmp_path, tiny_model):
@@ -205,6 +228,14 @@ def test_yaml_unknown_key_suggests_the_close_one(capsys, tmp_path, tiny_model):
            "Did you mean 'max_steps'?")
 
 
+def test_yaml_dashed_key_is_an_error_with_the_underscored_name(capsys, tmp_path, tiny_model):
+    data = _jsonl(tmp_path / "d.jsonl", ROWS)
+    config = _yaml(tmp_path, f"data: {data}\noutput-dir: elsewhere\n")
+    _fails(capsys, tmp_path, [str(config), "--model", str(tiny_model)], "config.yaml", "line 2",
+           "field 'output-dir'", "unknown option", "did you mean 'output_dir'?")
+    assert not (tmp_path / "elsewhere").exists()
+
+
 @pytest.mark.parametrize("line, expected", [("seed: ten", "`seed` should be an integer, got 'ten'"),
                                             ("lr: [1, 2]", "`lr` should be a number"),
                                             ("packing: maybe", "`packing` should be true or false"),
@@ -268,7 +299,7 @@ def test_data_errors_surface_before_the_model_loads(capsys, tmp_path, tiny_model
     monkeypatch.setattr("hf_instruct_tune.training.load_base_model", refuse)
     data = _jsonl(tmp_path / "d.jsonl", [*ROWS * 50, {"instruction": "x", "outptu": "y"}])
     _fails(capsys, tmp_path, _train(tiny_model, data), "d.jsonl", "line 101", "field 'output'",
-           "Did you mean 'outptu'?")
+           "Rename 'outptu' to 'output'.")
 
 
 def test_debug_shows_the_traceback(tmp_path, tiny_model):

@@ -181,7 +181,7 @@ def test_bad_row_in_a_file_names_file_line_and_field(tmp_path):
         tokenize_source(DataSource.open(path), get_formatter("alpaca"),
                         ExampleEncoder(tiny_tokenizer(), get_template("alpaca")))
     assert str(info.value).startswith(f"{path}, line 2, field 'output': missing")
-    assert "Did you mean 'outptu'?" in str(info.value)
+    assert "Rename 'outptu' to 'output'." in str(info.value)
 
 
 def test_empty_csv_has_no_columns(tmp_path):

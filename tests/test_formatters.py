@@ -64,11 +64,12 @@ def test_detection_failure_lists_the_options():
 
 
 @pytest.mark.parametrize("name,row,field,hint", [
-    ("alpaca", {"instruction": "a", "outptu": "b"}, "output", "Did you mean 'outptu'?"),
-    ("alpaca", {"instrucion": "a", "output": "b"}, "instruction", "Did you mean 'instrucion'?"),
-    ("prompt_completion", {"prompt": "a", "completions": "b"}, "completion", "Did you mean 'completions'?"),
-    ("messages", {"message": []}, "messages", "Did you mean 'message'?"),
-    ("sharegpt", {"conversation": []}, "conversations", "Did you mean 'conversation'?"),
+    ("alpaca", {"instruction": "a", "outptu": "b"}, "output", "Rename 'outptu' to 'output'."),
+    ("alpaca", {"instrucion": "a", "output": "b"}, "instruction", "Rename 'instrucion' to 'instruction'."),
+    ("prompt_completion", {"prompt": "a", "completions": "b"}, "completion", "Rename 'completions' to 'completion'."),
+    ("messages", {"message": []}, "messages", "Rename 'message' to 'messages'."),
+    ("sharegpt", {"conversation": []}, "conversations", "Rename 'conversation' to 'conversations'."),
+    ("alpaca", {"instruction": "a", "answer": "b"}, "output", "Rename 'answer' to 'output'."),
     ("text", {"txt": "a"}, "text", ""),
 ])
 def test_missing_field_suggests_a_close_column(name, row, field, hint):
@@ -89,7 +90,7 @@ def test_missing_field_suggests_a_close_column(name, row, field, hint):
     ("messages", {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"}]},
      "messages", "end with an assistant turn"),
     ("messages", {"messages": [{"role": "robot", "content": "a"}]}, "messages[0].role", "unknown role"),
-    ("messages", {"messages": [{"role": "user", "contents": "a"}]}, "messages[0].content", "Did you mean 'contents'"),
+    ("messages", {"messages": [{"role": "user", "contents": "a"}]}, "messages[0].content", "Rename 'contents' to 'content'"),
     ("messages", {"messages": ["hi"]}, "messages[0]", "expected an object"),
     ("sharegpt", {"conversations": [{"from": "alien", "value": "a"}]}, "conversations[0].from", "unknown speaker"),
     ("sharegpt", {"conversations": [{"value": "a"}]}, "conversations[0].from", "missing"),

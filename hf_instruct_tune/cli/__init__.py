@@ -19,6 +19,7 @@ COMMANDS = {
     "card": "card",
     "upload": "upload",
     "export": "export",
+    "hf-extension": "hf_extension",
 }
 
 
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Instruction fine-tuning with EOS-safe labels, prompt templates and Hub publishing.",
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
+    parser.add_argument("--verbose", action="store_true",
+                        help="Also log every HTTP request and the warnings of the libraries underneath.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS.values():
         try:
@@ -49,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    if not args.verbose:
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except InstructTuneError as error:
@@ -59,6 +64,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+# Loggers that narrate each HTTP request at INFO level (including an expected 409 when a repo exists).
+HTTP_LOGGERS = ("httpx", "httpcore", "httpx2", "urllib3")
+
+
+def quiet_libraries() -> None:
+    """HTTP request logs off (warnings and errors still show), and third-party warnings the user can't act on."""
+    from ..quiet import filter_third_party_warnings
+
+    for name in HTTP_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    filter_third_party_warnings()
 
 
 if __name__ == "__main__":

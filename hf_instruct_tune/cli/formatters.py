@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -14,10 +15,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+def plain_text(docstring_line: str) -> str:
+    """A docstring line for a terminal: ````name```` and ``:role:`name``` markup become ``name``."""
+    return re.sub(r"(?::\w+:)?`+([^`]+)`+", r"\1", docstring_line)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..formatters import FORMATTERS
 
     for name in FORMATTERS.names():
         doc = (FORMATTERS.get(name).__doc__ or "").strip().splitlines()
-        print(f"{name:18} {doc[0] if doc else ''}")
+        print(f"{name:18} {plain_text(doc[0]) if doc else ''}")
     return 0

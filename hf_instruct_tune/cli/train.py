@@ -29,8 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         kind = field_type(item)
         help_text = item.metadata.get("help", "")
         default = item.default if item.default is not dataclasses.MISSING else item.default_factory()
-        if default not in (None, False, "") and kind is not bool:
+        if kind is not bool and default is not None and default != "":
             help_text += f" (default: {','.join(default) if isinstance(default, list) else default})"
+        elif kind is bool and default is not None and "default" not in help_text.lower():
+            help_text += f" (default: {'on' if default else 'off'})"
         if kind is bool:
             parser.add_argument(flag, dest=item.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -73,4 +75,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
     print(f"Trained {result.global_step} steps{loss}. Adapter saved to {result.output_dir}", file=sys.stderr)
+    if not result.adapter_moved:
+        print("warning: the adapter did not move: every LoRA B matrix is still 0, so it generates exactly like the "
+              "base model (were all steps warm-up? see --warmup-steps, --max-steps, --lr). 'upload' refuses it "
+              "unless given --force.", file=sys.stderr)
     return 0

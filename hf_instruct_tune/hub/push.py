@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from ..errors import PublishError
 from ..metadata import METADATA_FILE_NAME
+from ..outputs import ADAPTER_FILE, is_run_file, run_files, untrained_lora
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,9 @@ class _NoChangesFilter(logging.Filter):
         return True
 
 
-def _how_to_log_in(token_hint: str) -> str:
+def _how_to_log_in(token_hint: str | None) -> str:
+    if token_hint is None:
+        return "Run 'hf auth login' or set HF_TOKEN."
     return f"Run 'hf auth login', set HF_TOKEN, or {token_hint}."
 
 
@@ -107,12 +110,12 @@ def _status(error: BaseException) -> int | None:
 
 
 def check_write_access(repo_id: str, token: str | None = None, endpoint: str | None = None, *,
-                       token_hint: str = UPLOAD_TOKEN_HINT) -> str:
+                       token_hint: str | None = UPLOAD_TOKEN_HINT) -> str:
     """Fail fast, before training, if ``repo_id`` cannot be pushed to; return the full ``namespace/name``.
 
     Checks that a token exists, that the Hub accepts it, that it may write, and that the namespace is the
     user's or one of their organizations'. ``token_hint`` is how the caller's user passes a token
-    (``"pass --token"`` for ``upload``), for the messages.
+    (``"pass --token"`` for ``upload``; ``None`` where only ``HF_TOKEN`` and the login exist), for the messages.
     """
     from huggingface_hub import HfApi
 
@@ -125,8 +128,9 @@ def check_write_access(repo_id: str, token: str | None = None, endpoint: str | N
             info = HfApi(endpoint=endpoint, token=token, library_name="hf_instruct_tune").whoami()
     except Exception as error:  # network errors and HTTP errors alike
         if _status(error) == 401:
+            other = f", or {token_hint} with a valid one" if token_hint else ""
             raise PublishError(f"The token was rejected by {endpoint} (401). Run 'hf auth login --force' with a "
-                               f"valid token, set a valid HF_TOKEN, or {token_hint} with a valid one.") from None
+                               f"valid token, or set a valid HF_TOKEN{other}.") from None
         raise PublishError(f"Cannot check access to {endpoint}: {_first_line(error, token)}. Check your network, "
                            "or --endpoint / HF_ENDPOINT.") from None
     user = info.get("name") or ""
@@ -152,12 +156,29 @@ def _collect_files(folder: Path, include: list[str] | None, exclude: list[str] |
     return [folder / p for p in kept]
 
 
+def _run_files_only(folder: Path, paths: list[Path], include: list[str] | None) -> list[Path]:
+    """``paths`` less the files that the run in ``folder`` did not write, unless ``include`` names files to send."""
+    if include is not None or not (folder / METADATA_FILE_NAME).is_file():
+        return paths
+    recorded = run_files(folder)
+    kept = [path for path in paths if is_run_file(path.relative_to(folder).as_posix(), recorded)]
+    left_out = [path.relative_to(folder).as_posix() for path in paths if path not in kept]
+    if left_out:
+        logger.info("Not uploading %s: not written by train. Name files with --include to publish them.",
+                    ", ".join(left_out))
+    return kept
+
+
 def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, endpoint: str | None = None,
                  private: bool = False, revision: str | None = None, create_pr: bool = False,
                  commit_message: str | None = None, include: list[str] | None = None,
                  exclude: list[str] | None = None, path_in_repo: str | None = None, card: bool = True,
-                 token_hint: str = UPLOAD_TOKEN_HINT):
+                 token_hint: str | None = UPLOAD_TOKEN_HINT, force: bool = False):
     """Create ``repo_id`` if needed and upload ``folder`` (or one file) in a single commit; return its ``CommitInfo``.
+
+    From a folder ``train`` wrote, only the files the run wrote are uploaded (and the card); other files
+    there only when ``include`` names them. An adapter whose LoRA weights never moved from their
+    initialization (every ``lora_B`` is 0, the base model unchanged) is refused unless ``force``.
 
     Returns ``None``, after logging it once, when the repo already holds exactly these files (no commit is made).
     With ``card`` (and an ``hf_instruct_tune.json`` in the folder), README.md and loss_curve.png are
@@ -170,6 +191,11 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
     if not folder.exists():
         raise PublishError(f"{folder}: no such file or folder. Train first ('hf-instruct-tune train ... --output-dir "
                            f"{folder}') or pass the adapter folder it wrote.")
+    adapter_file = folder / ADAPTER_FILE if folder.is_dir() else folder
+    if not force and adapter_file.name == ADAPTER_FILE and adapter_file.is_file() and untrained_lora(adapter_file):
+        raise PublishError(f"{adapter_file}: the adapter never moved from its initialization (every LoRA B matrix is "
+                           "0), so it is the base model unchanged, not a trained model. Train longer (more "
+                           "--max-steps than --warmup-steps, or a higher --lr), or pass --force to upload it anyway.")
     token = resolve_token(token)
     endpoint = resolve_endpoint(endpoint)
     repo_id = check_write_access(repo_id, token, endpoint, token_hint=token_hint)
@@ -186,7 +212,7 @@ def push_adapter(folder: str | Path, repo_id: str, *, token: str | None = None, 
         else:
             regenerate = card and (folder / METADATA_FILE_NAME).is_file()
             skip = set(CARD_FILES) if regenerate else set()
-            for path in _collect_files(folder, include, exclude, skip):
+            for path in _run_files_only(folder, _collect_files(folder, include, exclude, skip), include):
                 name = path.relative_to(folder).as_posix()
                 content = _portable_adapter_config(path) if path.name == "adapter_config.json" else None
                 operations.append(CommitOperationAdd(path_in_repo=f"{prefix}/{name}" if prefix else name,
@@ -260,7 +286,7 @@ def _card_operations(folder: Path, scratch: Path, repo_id: str, prefix: str) -> 
 
 
 def _publish_error(error: Exception, repo_id: str, endpoint: str, token: str | None,
-                   token_hint: str = UPLOAD_TOKEN_HINT) -> PublishError:
+                   token_hint: str | None = UPLOAD_TOKEN_HINT) -> PublishError:
     status = _status(error)
     detail = _first_line(error, token)
     if status == 401:
