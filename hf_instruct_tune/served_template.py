@@ -21,18 +21,25 @@ __SOURCE__{% endmacro -%}
 {%- set systems = prompt_messages | selectattr('role', 'equalto', 'system') | list -%}
 {%- set users = prompt_messages | selectattr('role', 'equalto', 'user') | list -%}
 {%- set last_user = users[-1] if users else {} -%}
-{{- hf_instruct_tune_prompt(prompt_messages, systems[0]['content'] if systems else '', last_user['content'] or '',
-                            last_user['input'] or '', __STOP__) -}}
+{%- set prompt = hf_instruct_tune_prompt(prompt_messages, systems[0]['content'] if systems else '',
+                                         last_user['content'] or '', last_user['input'] or '', __STOP__) -%}
+{%- if __ADD_BOS__ and bos_token and not prompt.startswith(bos_token) -%}{{- bos_token -}}{%- endif -%}
+{{- prompt -}}
 {%- if answered -%}{{- messages[-1]['content'] ~ __STOP__ -}}{%- endif -%}
 """
 
 
-def served_chat_template(template: PromptTemplate | ChatTemplate, stop_text: str) -> str:
-    """The ``chat_template`` source that renders what ``template`` trained (a chat template: itself)."""
+def served_chat_template(template: PromptTemplate | ChatTemplate, stop_text: str, *, adds_bos: bool = False) -> str:
+    """The ``chat_template`` source that renders what ``template`` trained (a chat template: itself).
+
+    ``adds_bos``: training put the tokenizer's BOS token first (servers tokenize the rendered chat without
+    adding special tokens, so the template writes it).
+    """
     if isinstance(template, ChatTemplate):
         return template.source
     source = _FRONT_MATTER.sub("", template.source, count=1)
-    return _WRAPPER.replace("__STOP__", _jinja_string(stop_text)).replace("__SOURCE__", source)
+    return (_WRAPPER.replace("__STOP__", _jinja_string(stop_text)).replace("__ADD_BOS__", "true" if adds_bos else "false")
+            .replace("__SOURCE__", source))
 
 
 def _jinja_string(text: str) -> str:

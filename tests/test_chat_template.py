@@ -324,3 +324,7 @@ def test_trainer_trains_in_the_model_template_and_generate_prompts_with_it(gemma
     metadata = json.loads((tmp_path / "adapter" / "hf_instruct_tune.json").read_text(encoding="utf-8"))
     assert metadata["template"]["name"] == "model" and metadata["template"]["stop_token"] == "<end_of_turn>"
     assert "<start_of_turn>user\nIs Paris the capital of France?<end_of_turn>" in metadata["example"]["rendered_prompt"]
+    card = (tmp_path / "adapter" / "README.md").read_text(encoding="utf-8")
+    assert "trained on prompts rendered with **the base model's own chat template**" in card
+    assert "<start_of_turn>user\nIs Paris the capital of France?<end_of_turn>\n<start_of_turn>model" in card
+    assert "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives exactly this prompt" in card

@@ -169,6 +169,8 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, license: str 
         "repo_ref": repo_ref,
         "template_name": template.get("name") or "custom",
         "template_text": (template.get("text") or "").rstrip("\n"),
+        "template_is_model": str(template.get("name") or "").split(":")[0] == "model",
+        "serves_chat_template": (folder / "chat_template.jinja").is_file(),
         "stop_is_eos": stop_is_eos,
         "stop_token": stop,
         "example_instruction": instruction,

@@ -99,12 +99,17 @@ class ChatShape:
     specials: tuple[str, ...]
     stop: str
     adds_bos: bool = False
+    split_pattern: str | None = None  # the pre-tokenizer's regex, where the family's differs from GPT-2's
+
+
+LLAMA_3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 
 SHAPES: dict[str, ChatShape] = {
     "llama-3.1": ChatShape(LLAMA_31, "<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>",
                            ("<|start_header_id|>", "<|end_header_id|>", "<|end_of_text|>"), "<|eot_id|>",
-                           adds_bos=True),
+                           adds_bos=True, split_pattern=LLAMA_3_SPLIT),
     "chatml-default-system": ChatShape(CHATML_DEFAULT_SYSTEM, None, "<|im_end|>", "<|endoftext|>",
                                        ("<|im_start|>",), "<|im_end|>"),
     "inst": ChatShape(INST, "<s>", "</s>", "</s>", (), "</s>", adds_bos=True),
@@ -130,14 +135,20 @@ _CORPUS_TURNS = [
 
 def build_chat_tokenizer(shape: str | ChatShape, *, vocab_size: int = 700):
     """A byte-level BPE ``PreTrainedTokenizerFast`` with ``shape``'s special tokens and ``chat_template``."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     shape = SHAPES[shape] if isinstance(shape, str) else shape
     specials = [token for token in dict.fromkeys([shape.bos, shape.eos, shape.pad, *shape.specials]) if token]
-    corpus = _corpus(shape) + ["The quick brown fox jumps over the lazy dog.", " yes no maybe positive negative"]
+    corpus = _corpus(shape) + ["The quick brown fox jumps over the lazy dog.", " yes no maybe positive negative",
+                               "Paris.\n\n", "yes\n\n"]
     tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if shape.split_pattern:
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(shape.split_pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    else:
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
