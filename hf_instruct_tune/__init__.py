@@ -21,6 +21,9 @@ _EXPORTS = {
     "PromptTemplate": "templating",
     "get_template": "templating",
     "register_template": "templating",
+    "ChatTemplate": "chat_template",
+    "encoder_for": "chat_encoding",
+    "resolve_recipe": "recipe",
     "get_formatter": "formatters",
     "register_formatter": "formatters",
     "detect_formatter": "formatters",
@@ -47,6 +50,8 @@ def __getattr__(name: str) -> Any:
 
 if TYPE_CHECKING:
     from .arguments import InstructConfig
+    from .chat_encoding import encoder_for
+    from .chat_template import ChatTemplate
     from .collator import EOSSafeCollator
     from .config import TrainConfig
     from .data import DataSource, tokenize_source
@@ -57,6 +62,7 @@ if TYPE_CHECKING:
     from .metadata import TrainingMetadata
     from .models import load_model
     from .packing import pack_features
+    from .recipe import resolve_recipe
     from .templating import PromptTemplate, get_template, register_template
     from .tokenization import EncodedExample, ExampleEncoder
     from .trainer import InstructTrainer
