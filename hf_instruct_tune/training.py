@@ -246,7 +246,8 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
     bf16 = cuda and torch.cuda.is_bf16_supported()
     planned = memory_plan_wanted(config, backend)
     with warnings.catch_warnings():  # TRL's default for a deprecated name, not a choice of the user's
-        warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=r"`gradient_checkpointing(_kwargs)?` is deprecated",
+                                category=FutureWarning)
         args = SFTConfig(
             output_dir=str(Path(config.output_dir) / CHECKPOINTS_DIR),
             max_steps=config.max_steps, num_train_epochs=config.epochs, learning_rate=config.lr,
@@ -254,7 +255,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
             max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
             save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            save_total_limit=config.save_total_limit, report_to=config.report_to, use_cpu=not cuda, bf16=bf16,
+            save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
             gradient_checkpointing=(config.gradient_checkpointing is not False) if planned
             else bool(config.gradient_checkpointing) and peft_config is not None,
             gradient_checkpointing_kwargs={"use_reentrant": False},

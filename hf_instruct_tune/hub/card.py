@@ -186,7 +186,8 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, license: str 
                  for k, v in (meta.lora or {}).items() if v is not None},
         "hyperparameters": [(label, training[key]) for key, label in _HYPERPARAMETERS if training.get(key) is not None
                             and not (key == "max_steps" and training[key] <= 0)],
-        "changed": list(training["changed"].items()) if isinstance(training.get("changed"), dict) else None,
+        "changed": ([(k, ", ".join(map(str, v)) if isinstance(v, (list, tuple)) else v)
+                     for k, v in training["changed"].items()] if isinstance(training.get("changed"), dict) else None),
         "steps_done": results.get("global_step"),
         "epochs_done": _round(results.get("epochs_done")),
         "rows_seen": results.get("rows_seen"),
