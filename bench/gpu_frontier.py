@@ -38,7 +38,8 @@ def data(out: str) -> None:
 
 def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]) -> dict:
     """Run `hf-instruct-tune train` once; the RESULT comes from the adapter's `hf_instruct_tune.json`."""
-    out = os.path.join(outdir, f"adapter_{name}")
+    out = os.path.join(os.path.abspath(outdir), f"adapter_{name}")
+    model_dir, data_file = os.path.abspath(model_dir), os.path.abspath(data_file)
     command = [sys.executable, "-m", "hf_instruct_tune", "train", "--model", model_dir, "--data", data_file,
                "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",
                "--max-steps", str(gpu_bench.STEPS), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",
@@ -46,7 +47,9 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
     start = time.time()
     log = os.path.join(outdir, f"log_cli_{name}.txt")
     with open(log, "w") as fh:
-        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT).returncode
+        # from /tmp: `python -m` puts the working folder first on sys.path, and the checkout's package lacks
+        # the installed layout (templates/ and cards/ inside it)
+        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, cwd="/tmp").returncode
     result = {"stack": "hit-cli", "variant": name, "flags": " ".join(flags), "wall_s": round(time.time() - start, 1)}
     if code != 0:
         result["error"] = f"exit {code}: " + open(log).read()[-300:]
