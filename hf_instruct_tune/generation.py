@@ -76,6 +76,9 @@ class AdapterGenerator:
                  batch_size: int = 8) -> list[Generation]:
         """Generate one response per conversation (the messages before the assistant's answer)."""
         import torch
+        from transformers import StoppingCriteriaList
+
+        from .generation_progress import GenerationProgress
 
         results: list[Generation] = []
         prompts = [self.encoder.encode_prompt(messages) for messages in conversations]
@@ -87,15 +90,18 @@ class AdapterGenerator:
             pad = self.tokenizer.pad_token_id
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
+            extra = {"stopping_criteria": StoppingCriteriaList([GenerationProgress(
+                batch=start // batch_size + 1, batches=-(-len(prompts) // batch_size), prompt_width=width,
+                max_new_tokens=max_new_tokens)])}
             with torch.no_grad():
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id,
-                                             pad_token_id=pad, temperature=None, top_p=None, top_k=None)
+                                             pad_token_id=pad, temperature=None, top_p=None, top_k=None, **extra)
             for row in output[:, width:].tolist():
                 if stop_id in row:
                     results.append(Generation(self._decode(row[: row.index(stop_id)]), "eos"))
                 else:
-                    results.append(Generation(self._decode(row), "length"))
+                    results.append(Generation(self._decode(row).rstrip("\ufffd"), "length"))  # no half character
         return results
 
     def _decode(self, ids: list[int]) -> str:

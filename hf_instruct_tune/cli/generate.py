@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
     results = generator.generate(conversations, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     if args.instruction is not None:
         print(results[0].text)
+        if results[0].finish_reason == "length":
+            print(f"note: the response reached --max-new-tokens {args.max_new_tokens} before the stop token, so it "
+                  "may be cut off; raise --max-new-tokens for a longer answer.", file=sys.stderr)
         return 0
     from ..metadata import write_text_atomic
 
@@ -58,7 +61,10 @@ def run(args: argparse.Namespace) -> int:
                         ensure_ascii=False, default=str) for row, result in zip(rows, results)]
     write_text_atomic(Path(args.output), "\n".join(lines) + "\n")
     stopped = sum(result.finish_reason == "eos" for result in results)
-    print(f"Wrote {len(results)} responses to {args.output} ({stopped} ended by the stop token).", file=sys.stderr)
+    cut = len(results) - stopped
+    limit = f", {cut} cut by --max-new-tokens {args.max_new_tokens} (finish_reason 'length')" if cut else ""
+    print(f"Wrote {len(results)} responses to {args.output} ({stopped} ended by the stop token{limit}).",
+          file=sys.stderr)
     return 0
 
 

@@ -1,0 +1,115 @@
+"""What a user sees: readable loss lines, no third-party warnings they cannot act on, progress and length notices."""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+
+import pytest
+
+from hf_instruct_tune.cli import main
+
+ROWS = [{"instruction": "hello", "output": "yes"}, {"instruction": "classify the sentiment", "output": "no"}]
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    """A tiny adapter trained through the command line (1 step), and what the run printed."""
+    from hf_instruct_tune.testing.tiny import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("quiet")
+    model = save_tiny_checkpoint(root / "tiny")
+    data = root / "d.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in ROWS), encoding="utf-8")
+    with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
+        warnings.simplefilter("always")
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("HF_HOME", str(root / "hf_home"))
+        import contextlib
+        import io
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(root / "out"),
+                         "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1", "--lora-r", "2",
+                         "--target-modules", "q_proj"])
+    assert code == 0, err.getvalue()
+    return root / "out", out.getvalue() + err.getvalue(), [str(w.message) for w in caught]
+
+
+def test_training_prints_loss_lines_for_people(adapter):
+    _, printed, _ = adapter
+    assert "step 1/1  loss " in printed and "lr 2.00e-04" in printed, printed
+    assert "{'loss'" not in printed and "'grad_norm'" not in printed  # not Python dicts of strings
+
+
+def test_the_adapter_is_announced_once(adapter):
+    out, printed, _ = adapter
+    assert printed.count(str(out)) == 1, printed
+    assert "Saved the adapter to" not in printed
+
+
+def test_no_warnings_about_what_the_user_never_set(adapter):
+    _, _, warned = adapter
+    for unwanted in ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated",
+                     "Could not find a config file", "'pin_memory' argument is set as true"):
+        assert not any(unwanted in message for message in warned), warned
+
+
+def test_the_filters_are_precise():
+    from hf_instruct_tune.quiet import filter_third_party_warnings
+
+    filter_third_party_warnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "modeling_utils.py", 1,
+                               module="transformers.modeling_utils")
+        warnings.warn_explicit("`is_gradient_checkpointing` is deprecated", FutureWarning, "mine.py", 1,
+                               module="my_package")  # same text, another module: shown
+        warnings.warn_explicit("something else is deprecated", FutureWarning, "modeling_utils.py", 1,
+                               module="transformers.modeling_utils")
+    assert [str(w.message) for w in caught] == ["`is_gradient_checkpointing` is deprecated",
+                                                "something else is deprecated"]
+
+
+def test_http_request_logs_only_with_verbose(hub_server, tmp_path, caplog):
+    from test_card import make_adapter_dir
+
+    folder = make_adapter_dir(tmp_path / "out")
+    argv = ["upload", "alice/quiet", str(folder), "--endpoint", hub_server.url, "--token", hub_server.token]
+    with caplog.at_level(logging.INFO):
+        assert main(argv) == 0
+    assert not any("HTTP Request" in r.getMessage() or "409" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(["--verbose", *argv]) == 0
+    assert any("HTTP Request" in r.getMessage() for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def test_generate_says_when_the_length_limit_cut_the_answer(adapter, capsys, caplog, monkeypatch):
+    import hf_instruct_tune.generation_progress as progress
+
+    out, _, _ = adapter
+    monkeypatch.setattr(progress, "PROGRESS_EVERY_S", 0.0)  # a line per token, so a short test sees them
+    with caplog.at_level(logging.INFO):
+        assert main(["generate", "--adapter", str(out), "--instruction", "hello", "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(m.startswith("Generating: batch 1/1, 2/3 new tokens") for m in messages), messages
+    assert "reached --max-new-tokens 3 before the stop token" in captured.err
+    assert "\ufffd" not in captured.out
+
+
+def test_formatters_list_prints_plain_text(capsys):
+    assert main(["formatters", "list"]) == 0
+    printed = capsys.readouterr().out
+    assert "``" not in printed and "Alpaca rows: instruction, optional input" in printed
+
+
+def test_train_help_states_the_real_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "scale = alpha / r" not in help_text
+    assert "alpha/sqrt(r) (rank-stabilized, the default)" in help_text
+    assert "LoRA dropout. (default: 0.0)" in help_text
