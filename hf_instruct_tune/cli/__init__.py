@@ -52,8 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    if not args.verbose:
-        quiet_libraries()
+    quiet_libraries(verbose=args.verbose)
     try:
         return int(args.func(args) or 0)
     except InstructTuneError as error:
@@ -70,13 +69,15 @@ def main(argv: list[str] | None = None) -> int:
 HTTP_LOGGERS = ("httpx", "httpcore", "httpx2", "urllib3")
 
 
-def quiet_libraries() -> None:
-    """HTTP request logs off (warnings and errors still show), and third-party warnings the user can't act on."""
+def quiet_libraries(*, verbose: bool = False) -> None:
+    """Unless ``verbose``: HTTP request logs off (their warnings and errors still show), and the third-party
+    warnings that the user cannot act on filtered."""
     from ..quiet import filter_third_party_warnings
 
     for name in HTTP_LOGGERS:
-        logging.getLogger(name).setLevel(logging.WARNING)
-    filter_third_party_warnings()
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    if not verbose:
+        filter_third_party_warnings()
 
 
 if __name__ == "__main__":
