@@ -162,7 +162,7 @@ class ChatTemplateEncoder(ExampleEncoder):
             return []
         newline = self.tokenizer("\n", add_special_tokens=False)["input_ids"]
         ids = list(self.tokenizer("\n" + text, add_special_tokens=False)["input_ids"])
-        if ids[: len(newline)] == newline:
+        if newline and ids[: len(newline)] == newline:
             return ids[len(newline):]
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 

@@ -17,13 +17,21 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..chat_template import MODEL_TEMPLATE
+    from ..errors import InputError
+    from ..recipe import is_model_template
     from ..templating import TEMPLATES, get_template
 
     if args.action == "list":
         for name in TEMPLATES.names():
             template = TEMPLATES.get(name)
             print(f"{name:18} stop={template.stop:12} {template.description}")
+        print(f"{MODEL_TEMPLATE:18} stop={'(its own)':12} The model's own chat template (the tokenizer's chat_template); "
+              "the default for conversations. See `inspect --model M`.")
         return 0
+    if is_model_template(args.name):
+        raise InputError(f"'{args.name}' is the tokenizer's own chat template: see it rendered, token by token, with "
+                         "`hf-instruct-tune inspect --data FILE --model M`", field="name")
     template = get_template(args.name)
     example = [{"role": "user", "content": "Classify the sentiment of this text.", "input": "I love rainy days."}]
     rendered = template.render_prompt(example, bos_token="<s>", eos_token="</s>")
