@@ -32,6 +32,12 @@ else
     set -- $cfg; stack=$1; shift
     run python3 bench/gpu_bench.py train $stack $M "$@"
   done
+  # CLI runs with explicit flags, to isolate one lever: DIAG="name1 --flag ...;name2 --flag ..."
+  IFS=';' read -ra diag <<< "${DIAG:-}"
+  for d in "${diag[@]}"; do
+    set -- $d; name=$1; shift
+    run python3 bench/gpu_frontier.py cli $name $M $DATA $OUT --load-in-4bit "$@"
+  done
   timeout 200 python3 bench/gpu_profile.py $M $OUT/profile.json > $OUT/profile.md 2>$OUT/profile_err.txt || tail -5 $OUT/profile_err.txt
 fi
 python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
