@@ -36,6 +36,11 @@ class EOSSafeCollator:
             sets it from the model's attention implementation.
         pad_to_multiple_of: round the padded length up to a multiple of this.
         padding_side: ``"right"`` (training) or ``"left"``.
+        prefix_sharing: lay out a batch whose rows share token prefixes as one shared-prefix row, when that
+            costs clearly less (:mod:`hf_instruct_tune.prefix_sharing`); such a batch needs a trainer that
+            reads its ``loss_positions`` (:class:`~hf_instruct_tune.InstructTrainer` does).
+        attention_tokens: the model's matmul work per token over its attention work per token pair, about
+            ``6 * hidden_size``: how prefix sharing weighs its explicit attention mask.
     """
 
     pad_token_id: int
@@ -46,6 +51,8 @@ class EOSSafeCollator:
     padding_side: str = "right"
     return_tensors: str = "pt"
     flash_attn_kwargs: bool = False
+    prefix_sharing: bool = False
+    attention_tokens: int = 4096
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -57,12 +64,26 @@ class EOSSafeCollator:
         encoded = [example for example in map(self._encoded, features) if example is not None]
         if not encoded:
             raise InputError("every example of this batch is longer than max_length")
+        if self.prefix_sharing and len(encoded) > 1:
+            shared = self._shared(encoded)
+            if shared is not None:
+                return shared
         if self.padding_free:
             from .packing import pack_features
 
             return pack_features(encoded, pad_token_id=self.pad_token_id, flash_attn_kwargs=self.flash_attn_kwargs)
         return pad_examples(encoded, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
                             padding_side=self.padding_side)
+
+    def _shared(self, encoded: list[dict[str, list[int]]]) -> dict[str, Any] | None:
+        from .prefix_sharing import build_prefix_tree, share_prefixes, sharing_pays
+
+        tree = build_prefix_tree([example["input_ids"] for example in encoded])
+        lengths = [len(example["input_ids"]) for example in encoded]
+        if not sharing_pays(lengths, len(tree.tokens), attention_tokens=self.attention_tokens,
+                            packed=self.padding_free):
+            return None
+        return share_prefixes(encoded, tree)
 
     def _encoded(self, feature: Mapping[str, Any]) -> dict[str, list[int]] | None:
         if "input_ids" in feature and "labels" in feature:

@@ -73,8 +73,12 @@ class AdapterGenerator:
             FastLanguageModel.for_inference(self.model)
 
     def generate(self, conversations: Sequence[Sequence[Mapping]], *, max_new_tokens: int = 256,
-                 batch_size: int = 8) -> list[Generation]:
-        """Generate one response per conversation (the messages before the assistant's answer)."""
+                 batch_size: int = 8, prefix_sharing: bool = True) -> list[Generation]:
+        """Generate one response per conversation (the messages before the assistant's answer).
+
+        With ``prefix_sharing``, the token prefix that the prompts of a batch share (a preamble, a system
+        prompt) is run through the model once, and its KV cache serves every row of the batch.
+        """
         import torch
         from transformers import StoppingCriteriaList
 
@@ -86,23 +90,36 @@ class AdapterGenerator:
         device = self.model.device
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            width = max(map(len, chunk))
+            shared = shared_prompt_length(chunk) if prefix_sharing else 0
+            prefix, rests = chunk[0][:shared], [ids[shared:] for ids in chunk]
+            width = max(map(len, rests))
             pad = self.tokenizer.pad_token_id
-            input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in chunk], device=device)
-            attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in chunk], device=device)
-            extra = {"stopping_criteria": StoppingCriteriaList([GenerationProgress(
-                batch=start // batch_size + 1, batches=-(-len(prompts) // batch_size), prompt_width=width,
-                max_new_tokens=max_new_tokens)])}
+            input_ids = torch.tensor([prefix + [pad] * (width - len(ids)) + ids for ids in rests], device=device)
+            attention = torch.tensor([[1] * shared + [0] * (width - len(ids)) + [1] * len(ids) for ids in rests],
+                                     device=device)
+            extra = {"past_key_values": self._prefix_cache(prefix, len(chunk))} if shared else {}
+            extra["stopping_criteria"] = StoppingCriteriaList([GenerationProgress(
+                batch=start // batch_size + 1, batches=-(-len(prompts) // batch_size), prompt_width=shared + width,
+                max_new_tokens=max_new_tokens)])
             with torch.no_grad():
                 output = self.model.generate(input_ids=input_ids, attention_mask=attention,
                                              max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_id,
                                              pad_token_id=pad, temperature=None, top_p=None, top_k=None, **extra)
-            for row in output[:, width:].tolist():
+            for row in output[:, shared + width:].tolist():
                 if stop_id in row:
                     results.append(Generation(self._decode(row[: row.index(stop_id)]), "eos"))
                 else:
                     results.append(Generation(self._decode(row).rstrip("\ufffd"), "length"))  # no half character
         return results
+
+    def _prefix_cache(self, prefix: list[int], rows: int):
+        """The KV cache of ``prefix``, computed once and repeated for ``rows`` rows."""
+        import torch
+
+        with torch.no_grad():
+            cache = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True).past_key_values
+        cache.batch_repeat_interleave(rows)
+        return cache
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
@@ -118,6 +135,22 @@ def _saved_template(adapter_dir: Path, name: str, tokenizer) -> PromptTemplate |
                                         origin=str(template_file))
     template = PromptTemplate.from_file(template_file)
     return PromptTemplate.from_source(template.source, name=name, origin=str(template_file))
+
+
+MIN_SHARED_PROMPT = 16
+"""Prompt prefixes shorter than this (in tokens) are not worth a cache of their own."""
+
+
+def shared_prompt_length(prompts: Sequence[Sequence[int]]) -> int:
+    """The tokens the prompts of a batch share at their start (leaving each at least one of its own), or 0
+    when there are fewer than two prompts or fewer than :data:`MIN_SHARED_PROMPT` shared tokens."""
+    if len(prompts) < 2:
+        return 0
+    shortest = min(map(len, prompts))
+    shared = 0
+    while shared < shortest - 1 and all(ids[shared] == prompts[0][shared] for ids in prompts):
+        shared += 1
+    return shared if shared >= MIN_SHARED_PROMPT else 0
 
 
 def _local_adapter(adapter: str | Path) -> Path:

@@ -60,10 +60,30 @@ def fused_cross_entropy(
     Returns:
         A scalar fp32 loss.
     """
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+    y = labels[:, 1:].reshape(-1)
+    return predictions_cross_entropy(h, weight, y, bias=bias, softcap=softcap, num_items_in_batch=num_items_in_batch,
+                                     num_processes=num_processes, chunk_size=chunk_size, implementation=implementation)
+
+
+def predictions_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    num_items_in_batch: int | torch.Tensor | None = None,
+    num_processes: int = 1,
+    chunk_size: int = 1024,
+    implementation: str = "auto",
+) -> torch.Tensor:
+    """:func:`fused_cross_entropy` of already aligned predictions: ``hidden[i]`` ``[N, H]`` predicts ``targets[i]``
+    ``[N]`` (-100: no loss). Shared-prefix batches (:mod:`hf_instruct_tune.prefix_sharing`) gather theirs."""
     if implementation not in {"auto", "cce", "chunked"}:
         raise ValueError(f"`implementation` should be 'auto', 'cce' or 'chunked', got {implementation!r}.")
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1]).to(weight.dtype)
-    y = labels[:, 1:].reshape(-1).to(h.device)
+    h = hidden.to(weight.dtype)
+    y = targets.reshape(-1).to(h.device)
     supervised = y != IGNORE_INDEX
     if not supervised.all():  # only supervised positions need logits: responses are a fraction of the tokens
         h, y = h[supervised], y[supervised]

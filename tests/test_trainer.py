@@ -41,7 +41,7 @@ def trained(tmp_path_factory):
         patch.setenv("HF_HUB_OFFLINE", "1")
         patch.setenv("HF_HOME", str(root / "hf_home"))
         trainer = InstructTrainer(build_tiny_model(tok), _config(root / "out"), train_dataset=str(data),
-                                  processing_class=tok, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                  processing_class=tok, prefix_sharing=False, peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                                                task_type="CAUSAL_LM"))
         batches = []
         collate = trainer.data_collator
