@@ -55,6 +55,7 @@ def main(model_dir: str, out: str) -> None:
     batch = pack_features(gpu_bench._features(tok)[:16], tok.pad_token_id, flash_attn_kwargs=True)
     batch = {k: v.cuda() if hasattr(v, "cuda") else v for k, v in batch.items()}
     labels = batch.pop("labels")
+    batch.pop("use_cache", None)
     tokens = labels.numel()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 

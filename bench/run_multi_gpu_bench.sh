@@ -27,3 +27,7 @@ python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.a
   $OUT/multi_gpu.jsonl > $OUT/multi_gpu.json
 timeout 240 python3 bench/multi_gpu.py adapters $M $OUT > $OUT/adapters.json 2>$OUT/adapters_err.txt || tail -5 $OUT/adapters_err.txt
 python3 bench/multi_gpu.py table $OUT/multi_gpu.json $OUT/adapters.json
+# optional, on GPU 0 afterwards: DIAG="name flags;..." single-GPU CLI runs, PROFILE=1 the step profile
+IFS=';' read -ra diag <<< "${DIAG:-}"
+for d in "${diag[@]}"; do set -- $d; name=$1; shift; ROWS="" CUDA_VISIBLE_DEVICES=0 run $name "$@"; done
+[ -z "${PROFILE:-}" ] || CUDA_VISIBLE_DEVICES=0 timeout 150 python3 bench/gpu_profile.py $M $OUT/profile.json > $OUT/profile.md 2>$OUT/profile_err.txt
