@@ -197,6 +197,34 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_clearly():
     assert len(spans) == 2
 
 
+def test_an_earlier_answer_that_merges_with_its_prompt_in_the_longer_conversation_is_refused():
+    """SentencePiece-style pre-tokenization and a template that writes the answer right after "[/INST]": inside
+    the longer conversation "[/INST]Sure," is one token, so no sequence can hold both that turn's served prompt and
+    its answer; the row is refused, never trained on misaligned labels."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    template = ("{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}"
+                "{{ '[INST] ' + message['content'] + ' [/INST]' }}{% else %}{{ message['content'] + eos_token }}"
+                "{% endif %}{% endfor %}")
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    backend.train_from_iterator(["[INST] Is Paris the capital of France? [/INST]Sure, yes.\n"] * 4, trainer=trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>", "</s>"], show_progress=False))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>")
+    tokenizer.chat_template = template
+    encoder = ChatTemplateEncoder(tokenizer, ChatTemplate.from_tokenizer(tokenizer))
+    messages = CONVERSATION[1:]
+    assert "\u2581[/INST]Sure," in tokenizer.tokenize(encoder.render_prompt(messages[:3]))
+    with pytest.raises(ExampleError, match="differently inside the longer conversation") as error:
+        encoder.encode_turns(messages)
+    assert error.value.field == "messages[1].content"
+    ids, labels, spans = encoder.encode_turns(messages[:2])  # the last turn alone is fine
+    assert ids[: spans[0][0]] == served_prompt_ids(tokenizer, messages[:1])
+    assert tokenizer.decode(labels[spans[0][0]:]) == "Sure, yes.</s>"
+
+
 def test_an_answer_that_spells_the_stop_token_is_refused():
     with pytest.raises(ExampleError, match="stop token '<end_of_turn>' inside the answer") as error:
         encode("gemma", [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a<end_of_turn>b"}])
