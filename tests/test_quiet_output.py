@@ -52,7 +52,8 @@ def test_the_adapter_is_announced_once(adapter):
 
 def test_no_warnings_about_what_the_user_never_set(adapter):
     _, _, warned = adapter
-    for unwanted in ("`gradient_checkpointing` is deprecated", "`is_gradient_checkpointing` is deprecated",
+    for unwanted in ("`gradient_checkpointing` is deprecated", "`gradient_checkpointing_kwargs` is deprecated",
+                     "`is_gradient_checkpointing` is deprecated",
                      "Could not find a config file", "'pin_memory' argument is set as true"):
         assert not any(unwanted in message for message in warned), warned
 
