@@ -36,9 +36,11 @@ class AdapterGenerator:
         adapter_dir: the folder ``hf-instruct-tune train`` wrote (or a downloaded copy of it).
         model: the base model (Hub id or path); default: the one recorded in the adapter's metadata.
         trust_remote_code: allow code from the base model's repository to run.
+        allow_pickle: accept a local base model whose weights are only pickles (``*.bin``).
     """
 
-    def __init__(self, adapter_dir: str | Path, *, model: str | None = None, trust_remote_code: bool = False):
+    def __init__(self, adapter_dir: str | Path, *, model: str | None = None, trust_remote_code: bool = False,
+                 allow_pickle: bool = False):
         from peft import PeftModel
         from transformers import AutoTokenizer
 
@@ -57,7 +59,7 @@ class AdapterGenerator:
         base = model or self.metadata.base_model or _adapter_base(adapter_dir)
         if not base:
             raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
-        base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code)
+        base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self.model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
         self._use_unsloth_inference()
 

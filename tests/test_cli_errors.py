@@ -354,3 +354,24 @@ def test_card_templates_render_in_the_sandbox(tmp_path, tiny_model, monkeypatch)
     with pytest.raises(SecurityError) as info:
         card.render_card(out)
     assert "canary-value-8d1f" not in str(info.value)
+
+
+@pytest.mark.parametrize("command", ["generate", "export"])
+def test_pickle_advice_names_a_flag_the_command_has(capsys, tmp_path, command):
+    from hf_instruct_tune.testing.tiny import build_tiny_tokenizer
+
+    from test_card import make_adapter_dir
+
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    adapter = make_adapter_dir(tmp_path / "adapter")
+    build_tiny_tokenizer().save_pretrained(adapter)
+    argv = (["generate", "--adapter", str(adapter), "--model", str(pickled), "--instruction", "hi"]
+            if command == "generate" else ["export", "--adapter", str(adapter), "--base", str(pickled),
+                                           "--merged", str(tmp_path / "merged")])
+    assert main(argv) == 2
+    assert "pass --allow-pickle" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "--allow-pickle" in capsys.readouterr().out

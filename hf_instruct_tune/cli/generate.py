@@ -29,6 +29,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest response in tokens (default: 256).")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per batch (default: 8).")
     parser.add_argument("--trust-remote-code", action="store_true", help="Run code from the base model's repository.")
+    parser.add_argument("--allow-pickle", action="store_true", help="Allow a base model with pickle (*.bin) weights only.")
     parser.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                         help="Run the prompt prefix that a batch's rows share once and reuse its KV cache "
                              "(default: on).")
@@ -50,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     rows, conversations = _requests(args)
     from ..generation import AdapterGenerator
 
-    generator = AdapterGenerator(args.adapter, model=args.model, trust_remote_code=args.trust_remote_code)
+    generator = AdapterGenerator(args.adapter, model=args.model, trust_remote_code=args.trust_remote_code,
+                                 allow_pickle=args.allow_pickle)
     results = generator.generate(conversations, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                                  prefix_sharing=args.prefix_sharing)
     if args.instruction is not None:

@@ -74,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
     if process_rank() != 0:  # rank 0 reports for a multi-process run
         return 0
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
-    print(f"Trained {result.global_step} steps{loss}. Adapter saved to {result.output_dir}", file=sys.stderr)
+    steps = f"{result.global_step} step{'' if result.global_step == 1 else 's'}"
+    print(f"Trained {steps}{loss}. Adapter saved to {result.output_dir}", file=sys.stderr)
     if not result.adapter_moved:
         print("warning: the adapter did not move: every LoRA B matrix is still 0, so it generates exactly like the "
               "base model (were all steps warm-up? see --warmup-steps, --max-steps, --lr). 'upload' refuses it "

@@ -14,14 +14,15 @@ logger = logging.getLogger(__name__)
 CARRIED_FILES = (METADATA_FILE_NAME, "prompt_template.jinja")
 
 
-def _load_base(name_or_path: str, base_model_id: str | None, dtype: str):
+def _load_base(name_or_path: str, base_model_id: str | None, dtype: str, allow_pickle: bool = False):
     from ..models import load_base_model, resolve_model
 
-    return load_base_model(resolve_model(name_or_path, base_model_id=base_model_id), dtype=dtype)
+    return load_base_model(resolve_model(name_or_path, base_model_id=base_model_id), dtype=dtype,
+                           allow_pickle=allow_pickle)
 
 
 def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str | None = None, dtype: str = "auto",
-                  card: bool = True, overwrite: bool = False) -> Path:
+                  card: bool = True, overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base (``base`` or the recorded Hub id) and save to ``output_dir``."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -37,7 +38,7 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str 
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise InputError("already exists and is not empty; choose another --merged folder or pass --overwrite",
                          source=str(output_dir))
-    model = _load_base(base, meta.base_model if meta else None, dtype)
+    model = _load_base(base, meta.base_model if meta else None, dtype, allow_pickle)
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output_dir, safe_serialization=True)
