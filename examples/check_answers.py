@@ -1,6 +1,6 @@
 """Check a `generate --data ... --output FILE.jsonl` run: every answer equals its row's output and ended by the stop token.
 
-    python examples/check_answers.py outputs/sentiment/training_answers.jsonl
+    python examples/check_answers.py outputs/sentiment-answers.jsonl
 """
 
 import json

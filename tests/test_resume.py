@@ -264,3 +264,112 @@ def test_disk_full_during_a_checkpoint_then_resume(setup, reference, tmp_path, m
     assert main(_args(setup, out, "--resume")) == 0
     assert trained == list(range(5, 13))
     _assert_same_run(out, reference)
+
+
+# -- kills during a checkpoint write -----------------------------------------------------------------
+
+# Runs `hf-instruct-tune ARGV` and SIGKILLs itself at the K-th write event while checkpoint 8 is saved
+# (K = 0: never), logging each event. Events: a file opened for writing under the output folder, a rename,
+# and the start and end of each tensor file written by torch or safetensors (their writers are not Python).
+KILL_MAIN = r"""
+import os, signal, sys
+import hf_instruct_tune.trainer as trainer_module
+
+target, log, root = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+log_fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+state = {"count": 0, "active": False}
+
+def point(what):
+    if not state["active"]:
+        return
+    state["active"] = False  # no events from the logging itself
+    state["count"] += 1
+    os.write(log_fd, f"{state['count']} {what}\n".encode())
+    if state["count"] == target:
+        os.kill(os.getpid(), signal.SIGKILL)
+    state["active"] = True
+
+def audit(event, args):
+    if event == "open" and root in str(args[0]):
+        mode, flags = args[1], args[2] if len(args) > 2 else 0
+        if (mode and any(c in mode for c in "wax+")) or (not mode and flags & (os.O_WRONLY | os.O_RDWR)):
+            point(f"open {os.path.relpath(str(args[0]), root)}")
+    elif event in ("os.rename", "os.replace") and root in str(args[0]):
+        point(f"rename {os.path.relpath(str(args[0]), root)}")
+
+sys.addaudithook(audit)
+
+def around(module, name):
+    original = getattr(module, name)
+    def wrapper(*args, **kwargs):
+        where = next((str(a) for a in (*args, *kwargs.values()) if isinstance(a, (str, os.PathLike))), "?")
+        point(f"start {name} {os.path.relpath(where, root)}")
+        result = original(*args, **kwargs)
+        point(f"end {name} {os.path.relpath(where, root)}")
+        return result
+    setattr(module, name, wrapper)
+
+import torch, peft.peft_model
+around(torch, "save")
+around(peft.peft_model, "safe_save_file")
+
+save_checkpoint = trainer_module.InstructTrainer._save_checkpoint
+def watched(self, model, trial):
+    state["active"] = self.state.global_step == 8
+    try:
+        save_checkpoint(self, model, trial)
+        point("saved")
+    finally:
+        state["active"] = False
+trainer_module.InstructTrainer._save_checkpoint = watched
+
+from hf_instruct_tune.cli import main
+sys.exit(main(sys.argv[4:]))
+"""
+
+
+def _run_killing_at(setup, out: Path, kill_at: int, log: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-c", KILL_MAIN, str(kill_at), str(log), str(out), *_args(setup, out)],
+                          env=env, capture_output=True, text=True, timeout=300)
+
+
+def _kill_points(count: int) -> list[int]:
+    """Every write event with KILL_POINTS=all, else a spread of them that CI can afford (first, last, between)."""
+    if os.environ.get("KILL_POINTS") == "all":
+        return list(range(1, count + 1))
+    wanted = 4
+    return sorted({round(1 + i * (count - 1) / (wanted - 1)) for i in range(wanted)})
+
+
+def test_a_kill_anywhere_in_a_checkpoint_write_resumes_to_the_uninterrupted_run(setup, reference, tmp_path,
+                                                                                 monkeypatch):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    result = _run_killing_at(setup, probe / "adapter", 0, probe / "events.log")
+    assert result.returncode == 0, result.stderr[-3000:]
+    events = (probe / "events.log").read_text().splitlines()
+    assert any("adapter_model.safetensors" in event for event in events)
+    assert any("optimizer.pt" in event for event in events)
+    assert any(event.split()[1] == "rename" for event in events)
+    complete = sorted(path.name for path in (probe / "adapter" / CHECKPOINTS_DIR / "checkpoint-8").iterdir())
+
+    resumed_from = set()
+    trained = _record_steps(monkeypatch)
+    for kill_at in _kill_points(len(events)):
+        out, log = tmp_path / f"kill-{kill_at}" / "adapter", tmp_path / f"kill-{kill_at}.log"
+        out.parent.mkdir()
+        result = _run_killing_at(setup, out, kill_at, log)
+        assert result.returncode == -signal.SIGKILL, (kill_at, result.stderr[-3000:])
+        last_event = log.read_text().splitlines()[-1]
+        for folder in (out / CHECKPOINTS_DIR).glob("checkpoint-*"):  # any checkpoint in place is whole
+            assert sorted(path.name for path in folder.iterdir()) == complete, (last_event, folder.name)
+        kept = last_checkpoint(out)
+        step = int(kept.name.split("-")[1])
+        resumed_from.add(step)
+
+        trained.clear()
+        assert main(_args(setup, out, "--resume")) == 0, last_event
+        assert trained == list(range(step + 1, 13)), last_event
+        _assert_same_run(out, reference)
+    assert resumed_from == {4, 8}  # kills landed both before and after the rename

@@ -40,11 +40,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--revision", default=None, help="Branch to commit to; created from main if missing.")
     parser.add_argument("--create-pr", action="store_true", help="Open a pull request instead of committing to main.")
     parser.add_argument("--commit-message", default=None, help="The commit message.")
-    parser.add_argument("--include", nargs="*", default=None, metavar="PATTERN", help="Only upload files matching these globs.")
+    parser.add_argument("--include", nargs="*", default=None, metavar="PATTERN",
+                        help="Only upload files matching these globs. From a folder 'train' wrote, the default is "
+                             "the files the run wrote; name any other file here to publish it.")
     parser.add_argument("--exclude", nargs="*", default=None, metavar="PATTERN", help="Skip files matching these globs.")
     add_hub_options(parser)
     parser.add_argument("--no-card", dest="card", action="store_false",
                         help="Upload the folder as it is, without regenerating README.md.")
+    parser.add_argument("--force", action="store_true",
+                        help="Upload an adapter even when its LoRA weights never moved from their initialization.")
     parser.set_defaults(func=run)
     return parser
 
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     info = push_adapter(
         args.local_path, args.repo_id, token=args.token, endpoint=args.endpoint, private=args.private,
         revision=args.revision, create_pr=args.create_pr, commit_message=args.commit_message,
-        include=args.include, exclude=args.exclude, path_in_repo=args.path_in_repo, card=args.card,
+        include=args.include, exclude=args.exclude, path_in_repo=args.path_in_repo, card=args.card, force=args.force,
     )
     if info is not None:  # None: the repo already held these files, and the log said so
         print(info.pr_url or info.commit_url)
