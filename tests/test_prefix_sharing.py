@@ -257,3 +257,49 @@ def test_cli_flags():
     assert not hasattr(parser.parse_args(["train"]), "prefix_sharing")  # unset: the default, on where it pays
     assert parser.parse_args(["train", "--no-prefix-sharing"]).prefix_sharing is False
     assert parser.parse_args(["train", "--prefix-sharing"]).prefix_sharing is True
+
+
+def test_generate_reuses_the_shared_prompt_prefix_and_answers_the_same(tmp_path, monkeypatch):
+    import json
+
+    from hf_instruct_tune.cli import main
+    from hf_instruct_tune.generation import AdapterGenerator, shared_prompt_length
+    from hf_instruct_tune.testing.tiny import save_tiny_checkpoint
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(ROWS), encoding="utf-8")
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(adapter), "--max-steps", "2",
+                 "--batch-size", "2", "--grad-accum", "1", "--lr", "1e-2"]) == 0
+    generator = AdapterGenerator(adapter)
+    conversations = [[{"role": "user", "content": row["instruction"], "input": row["input"]}] for row in ROWS]
+    prompts = [generator.encoder.encode_prompt(messages) for messages in conversations]
+    assert shared_prompt_length(prompts[:3]) >= 16  # the Alpaca preamble and the instruction
+    assert shared_prompt_length(prompts[:1]) == 0 and shared_prompt_length([[1] * 8, [1] * 8]) == 0
+
+    calls = []
+    prefix_cache = AdapterGenerator._prefix_cache
+
+    def counted(self, prefix, rows):
+        calls.append((len(prefix), rows))
+        return prefix_cache(self, prefix, rows)
+
+    monkeypatch.setattr(AdapterGenerator, "_prefix_cache", counted)
+    scores = []
+    generate = generator.model.generate
+
+    def scored(**kwargs):  # keep every step's logits to compare them, not only the greedy choices
+        out = generate(**kwargs, output_scores=True, return_dict_in_generate=True)
+        scores.append(torch.stack(out.scores))
+        return out.sequences
+
+    monkeypatch.setattr(generator.model, "generate", scored)
+    shared = generator.generate(conversations, max_new_tokens=6, batch_size=3)
+    assert [rows for _, rows in calls] == [3, 2]  # one prefix pass per batch, its cache used by every row
+    plain = generator.generate(conversations, max_new_tokens=6, batch_size=3, prefix_sharing=False)
+    assert len(calls) == 2
+    assert [(g.text, g.finish_reason) for g in shared] == [(g.text, g.finish_reason) for g in plain]
+    for shared_scores, plain_scores in zip(scores[:2], scores[2:]):
+        assert_close(shared_scores, plain_scores, rtol=1e-4, atol=1e-4)
