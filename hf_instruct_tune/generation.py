@@ -111,7 +111,7 @@ class AdapterGenerator:
                 if stop_id in row:
                     results.append(Generation(self._decode(row[: row.index(stop_id)]), "eos"))
                 else:
-                    results.append(Generation(self._decode(row).rstrip("\ufffd"), "length"))  # no half character
+                    results.append(Generation(_without_a_cut_character(self._decode(row)), "length"))
         return results
 
     def _prefix_cache(self, prefix: list[int], rows: int):
@@ -153,6 +153,11 @@ def shared_prompt_length(prompts: Sequence[Sequence[int]]) -> int:
     while shared < shortest - 1 and all(ids[shared] == prompts[0][shared] for ids in prompts):
         shared += 1
     return shared if shared >= MIN_SHARED_PROMPT else 0
+
+
+def _without_a_cut_character(text: str) -> str:
+    """``text`` less the replacement character that a multi-byte character cut by the length limit decodes to."""
+    return text[:-1] if text.endswith("\ufffd") else text
 
 
 def _local_adapter(adapter: str | Path) -> Path:
