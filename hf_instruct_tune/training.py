@@ -42,9 +42,20 @@ def run_training(config: TrainConfig) -> TrainResult:
 
     Every input is checked before anything is written. The finished adapter is written to a hidden
     sibling folder and renamed into place, so a crash never leaves a half-written adapter where a good
-    one was. With ``push_to``, write access is checked before training and the push happens last; a
-    failed push leaves the saved adapter and says how to retry.
+    one was. Files in ``output_dir`` that no run wrote are kept. One run at a time per ``output_dir``:
+    a second is refused while the first is alive. With ``push_to``, write access is checked before
+    training and the push happens last; a failed push leaves the saved adapter and says how to retry.
     """
+    from .launch import process_rank
+    from .run_lock import OutputFolderLock
+
+    if process_rank() != 0 or not config.output_dir:  # rank 0 holds the lock for the whole launch
+        return _run_training(config)
+    with OutputFolderLock(config.output_dir):
+        return _run_training(config)
+
+
+def _run_training(config: TrainConfig) -> TrainResult:
     from .backends import resolve_backend
     from .launch import quiet_replicas
 
@@ -255,7 +266,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
             max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
             save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
-            save_total_limit=config.save_total_limit, report_to=[], use_cpu=not cuda, bf16=bf16,
+            save_total_limit=config.save_total_limit, report_to=config.report_to, use_cpu=not cuda, bf16=bf16,
             gradient_checkpointing=(config.gradient_checkpointing is not False) if planned
             else bool(config.gradient_checkpointing) and peft_config is not None,
             gradient_checkpointing_kwargs={"use_reentrant": False},
