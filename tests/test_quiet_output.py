@@ -114,3 +114,15 @@ def test_train_help_states_the_real_defaults(capsys):
     assert "scale = alpha / r" not in help_text
     assert "alpha/sqrt(r) (rank-stabilized, the default)" in help_text
     assert "LoRA dropout. (default: 0.0)" in help_text
+
+
+def test_a_character_cut_by_the_length_limit_is_dropped_whole():
+    from hf_instruct_tune.generation import _without_a_cut_character
+    from hf_instruct_tune.testing.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer(adds_bos=False)
+    ids = tokenizer("下雪了", add_special_tokens=False)["input_ids"]  # 雪 is two byte-level tokens here
+    cut = next(n for n in range(1, len(ids)) if tokenizer.decode(ids[:n]).endswith("\ufffd"))
+    text = tokenizer.decode(ids[:cut])
+    assert _without_a_cut_character(text) == text[:-1] and "\ufffd" not in _without_a_cut_character(text)
+    assert _without_a_cut_character("积极") == "积极"
