@@ -375,3 +375,10 @@ def test_pickle_advice_names_a_flag_the_command_has(capsys, tmp_path, command):
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "--allow-pickle" in capsys.readouterr().out
+
+
+def test_train_login_advice_names_no_flag_train_lacks(capsys, tmp_path, tiny_model):
+    data = _jsonl(tmp_path / "d.jsonl", ROWS)
+    message = _fails(capsys, tmp_path, _train(tiny_model, data, "--push-to", "alice/x", "--endpoint",
+                                              "http://127.0.0.1:9"), "Not logged in", "Run 'hf auth login' or set HF_TOKEN.")
+    assert "--token" not in message  # train has no --token (configs and flags never carry tokens)
