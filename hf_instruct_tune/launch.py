@@ -18,13 +18,17 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import warnings
+from pathlib import Path
 
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
 _FLAG = "--num-processes"
+ERROR_FILE_VARIABLE = "HF_INSTRUCT_TUNE_ERROR_FILE"
 
 
 def process_rank() -> int:
@@ -74,45 +78,30 @@ def quiet_replicas() -> None:
         pass
 
 
-FSDP_LAUNCH_OPTIONS = [
-    "--use_fsdp", "--fsdp_version", "1", "--fsdp_sharding_strategy", "FULL_SHARD",
-    "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP", "--fsdp_state_dict_type", "FULL_STATE_DICT",
-    "--fsdp_use_orig_params", "false", "--fsdp_cpu_ram_efficient_loading", "true",
-    "--fsdp_sync_module_states", "true", "--fsdp_offload_params", "false", "--fsdp_backward_prefetch", "BACKWARD_PRE",
-    "--mixed_precision", "bf16",
-]
-"""``accelerate launch`` options of ``--fsdp``: FSDP1 with flat parameters (``use_orig_params=False``, which
-with peft's wrap policy keeps each LoRA weight in its own unit and is what lets a 4-bit base shard), one unit
-per decoder layer, the whole adapter gathered on process 0 for saving, the base read from disk once."""
-
-
 def fsdp_launched() -> bool:
     """True in a process that ``accelerate launch`` started with FSDP (before the Trainer exists)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in {"1", "true"}
 
 
-def accelerate_command(argv: list[str], num_processes: int, *, fsdp: bool = False) -> list[str]:
+def accelerate_command(argv: list[str], num_processes: int) -> list[str]:
     """The ``accelerate launch`` command that runs ``hf-instruct-tune ARGV`` in ``num_processes`` processes.
 
     ``--num-processes`` is taken out of ``argv`` and ``--num-processes 1`` appended, so that a
-    ``num_processes`` key in a YAML config does not make each worker launch again. With ``fsdp``, the
-    processes run FSDP (:data:`FSDP_LAUNCH_OPTIONS`). Otherwise, with an accelerate config
-    (``accelerate config``), that config chooses DDP, FSDP or DeepSpeed and the mixed precision; without one,
-    the processes run plain DDP (``--multi_gpu``, which on a machine without GPUs means CPU processes over
-    gloo). Either way on a free port.
+    ``num_processes`` key in a YAML config does not make each worker launch again. With an accelerate
+    config (``accelerate config``), that config chooses DDP, FSDP or DeepSpeed and the mixed precision;
+    without one, the processes run plain DDP (``--multi_gpu``, which on a machine without GPUs means
+    CPU processes over gloo) on a free port.
     """
     from accelerate.commands.config import default_config_file
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    if fsdp:
-        command += [*FSDP_LAUNCH_OPTIONS, "--num_machines", "1", "--dynamo_backend", "no", "--main_process_port", "0"]
-    elif not os.path.isfile(default_config_file):
+    if not os.path.isfile(default_config_file):
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "--main_process_port", "0"]
     return [*command, "-m", "hf_instruct_tune", *_without_num_processes(argv), _FLAG, "1"]
 
 
-def relaunch_with_accelerate(argv: list[str], num_processes: int, *, fsdp: bool = False) -> int:
+def relaunch_with_accelerate(argv: list[str], num_processes: int) -> int:
     """Run ``hf-instruct-tune ARGV`` again under ``accelerate launch`` with ``num_processes`` processes.
 
     Returns the launcher's exit code (128 + N when it was killed by signal N). On Ctrl-C the workers
@@ -122,15 +111,42 @@ def relaunch_with_accelerate(argv: list[str], num_processes: int, *, fsdp: bool 
         raise InputError(f"this process is already one of {world_size()} started by a launcher; drop "
                          "--num-processes (or `num_processes:` in the config) and let the launcher set the count",
                          field="num_processes")
-    command = accelerate_command(argv, num_processes, fsdp=fsdp)
+    command = accelerate_command(argv, num_processes)
     logger.info("Launching %d processes: %s", num_processes, shlex.join(command))
-    process = subprocess.Popen(command)
-    try:
-        code = _wait(process)
-    except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the checkpoint
-        process.send_signal(signal.SIGTERM)
-        code = _wait(process)
+    with tempfile.TemporaryDirectory(prefix="hf-instruct-tune-launch-") as scratch:
+        error_file = os.path.join(scratch, "exit_code")
+        process = subprocess.Popen(command, env={**os.environ, ERROR_FILE_VARIABLE: error_file}, stderr=subprocess.PIPE)
+        forwarding = threading.Thread(target=_forward_stderr, args=(process.stderr, error_file), daemon=True)
+        forwarding.start()
+        try:
+            code = _wait(process)
+        except KeyboardInterrupt:  # a second Ctrl-C: stop waiting for the checkpoint
+            process.send_signal(signal.SIGTERM)
+            code = _wait(process)
+        forwarding.join(timeout=10)
+        if os.path.isfile(error_file):  # the workers' own exit code, not the launcher's summary of it
+            return int(Path(error_file).read_text() or 1)
     return 128 - code if code < 0 else code
+
+
+def report_error_to_launcher(exit_code: int) -> None:
+    """Record the exit code of an error already printed by rank 0, for :func:`relaunch_with_accelerate`."""
+    path = os.environ.get(ERROR_FILE_VARIABLE)
+    if path and process_rank() == 0:
+        Path(path).write_text(str(exit_code))
+
+
+def _forward_stderr(stream, error_file: str) -> None:
+    """Pass the workers' stderr through; once they reported an error, keep only ``error:`` lines.
+
+    What follows a worker's one-line error is the launcher's account of the failed worker (a traceback).
+    """
+    target = sys.stderr.buffer
+    while chunk := os.read(stream.fileno(), 65536):
+        if os.path.isfile(error_file):
+            chunk = b"".join(line for line in chunk.splitlines(keepends=True) if line.startswith(b"error:"))
+        target.write(chunk)
+        target.flush()
 
 
 def _wait(process: subprocess.Popen) -> int:

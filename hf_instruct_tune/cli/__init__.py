@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     except InstructTuneError as error:
         if args.debug:
             raise
-        print(f"error: {error}", file=sys.stderr)
+        from ..launch import process_rank, report_error_to_launcher
+
+        if process_rank() == 0:  # under a launcher every rank meets the same bad input; one reports it
+            print(f"error: {error}", file=sys.stderr, flush=True)
+            report_error_to_launcher(error.exit_code)
         return error.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
