@@ -226,6 +226,7 @@ def apply_checkpointing(model, layers: int) -> None:
         base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()  # as backends.add_lora does: the layers' inputs carry gradients
     for index, layer in enumerate(decoder_layers):
         layer.gradient_checkpointing = index < layers
 

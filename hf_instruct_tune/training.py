@@ -322,12 +322,40 @@ def _save_final(trainer, output_dir: Path) -> None:
         raise
     if not trainer.is_world_process_zero():
         return
+    _refuse_empty_adapter(staged, output_dir)
     (staged / "training_args.bin").unlink(missing_ok=True)  # a pickle; checkpoints keep their own copy
     checkpoints = output_dir / CHECKPOINTS_DIR
     if checkpoints.is_dir() and any(checkpoints.iterdir()):
         checkpoints.rename(staged / CHECKPOINTS_DIR)
     install_run(staged, output_dir)
     _write_card(output_dir)  # again: the card names the repo after the folder, no longer the staged one
+
+
+class EmptyAdapterError(InstructTuneError):
+    """The processes handed back an adapter without weights; nothing was put in place."""
+
+    exit_code = 1
+
+
+def _refuse_empty_adapter(staged: Path, output_dir: Path) -> None:
+    """Never put an adapter file without a single tensor in place of a good one.
+
+    Under FSDP the state dict gathered for saving can come back without the adapter's weights; PEFT then
+    writes a valid but empty ``adapter_model.safetensors`` that loads silently as the base model.
+    """
+    from safetensors import safe_open
+
+    weights = staged / ADAPTER_FILE
+    if not weights.is_file():
+        return
+    with safe_open(str(weights), framework="pt") as opened:
+        if any(True for _ in opened.keys()):
+            return
+    shutil.rmtree(staged, ignore_errors=True)
+    kept = last_checkpoint(output_dir)
+    where = f"; the last checkpoint, {kept}, is kept" if kept else ""
+    raise EmptyAdapterError(f"the adapter gathered from the processes holds no weights (0 tensors), so it was not "
+                            f"saved{where}. With FSDP, train with DDP instead (docs/multi_gpu.md).")
 
 
 def _write_card(folder: Path) -> None:

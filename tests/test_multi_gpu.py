@@ -1,30 +1,9 @@
-"""Multi-GPU choices made before the Trainer exists: the FSDP launch, 4-bit storage for FSDP, the loss under FSDP."""
+"""Multi-GPU safeguards: 4-bit storage that FSDP can shard, the loss under FSDP, and no empty adapter saved."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-
-from hf_instruct_tune import launch
-
-
-def test_fsdp_launch_options():
-    command = launch.accelerate_command(["train", "c.yaml", "--fsdp", "--num-processes", "2"], 2, fsdp=True)
-    options = dict(zip(command, command[1:]))
-    assert "--use_fsdp" in command and "--multi_gpu" not in command
-    assert options["--fsdp_version"] == "1" and options["--fsdp_use_orig_params"] == "false"
-    assert options["--fsdp_state_dict_type"] == "FULL_STATE_DICT"  # the whole adapter, gathered for process 0
-    assert options["--fsdp_cpu_ram_efficient_loading"] == "true" and options["--fsdp_sync_module_states"] == "true"
-    assert options["--mixed_precision"] == "bf16"
-    assert command[-4:] == ["c.yaml", "--fsdp", "--num-processes", "1"]  # the workers do not launch again
-
-
-def test_fsdp_without_processes_is_a_one_line_error(capsys):
-    from hf_instruct_tune.cli import main
-
-    assert main(["train", "--data", "missing.jsonl", "--fsdp"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--fsdp" in err and "--num-processes" in err
 
 
 def test_4bit_storage_follows_fsdp(monkeypatch):
@@ -33,7 +12,7 @@ def test_4bit_storage_follows_fsdp(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert nf4_config().bnb_4bit_quant_storage == torch.uint8
     assert nf4_config(for_fsdp=True).bnb_4bit_quant_storage == torch.bfloat16  # shards flatten with bf16 weights
-    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
     assert nf4_config().bnb_4bit_quant_storage == torch.bfloat16
 
 
@@ -46,3 +25,43 @@ def test_loss_goes_through_the_sharded_head_under_fsdp(monkeypatch):
     assert _fused_loss(TrainConfig(fused_loss=True), "transformers") is True  # asked for: kept
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     assert _fused_loss(TrainConfig(), "transformers") in (None, True)  # the plan's choice, or on without a plan
+
+
+@pytest.fixture
+def trainer(tmp_path):
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from hf_instruct_tune import InstructTrainer
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    args = SFTConfig(output_dir=str(tmp_path / "checkpoints"), use_cpu=True, bf16=False, report_to=[],
+                     gradient_checkpointing=False, max_steps=1)
+    return InstructTrainer(model=build_tiny_model(tok), args=args, processing_class=tok, template="alpaca",
+                           train_dataset=[{"instruction": "hello", "output": "yes"}] * 4,
+                           peft_config=LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+
+
+def test_an_adapter_without_weights_is_refused(trainer, tmp_path, monkeypatch):
+    """What FSDP gave on two H200s (BENCHMARKS.md, "Multi-GPU"): PEFT saving from a state dict without the
+    adapter's weights writes an empty file that loads silently as the base model."""
+    from hf_instruct_tune.training import EmptyAdapterError, _save_final
+
+    output = tmp_path / "adapter"
+    original = trainer.model.save_pretrained
+    monkeypatch.setattr(trainer.model, "save_pretrained",
+                        lambda folder, **kwargs: original(folder, **{**kwargs, "state_dict": {}}))
+    with pytest.raises(EmptyAdapterError, match="0 tensors"):
+        _save_final(trainer, output)
+    assert not output.exists() and not (tmp_path / ".adapter.staged").exists()
+
+
+def test_a_whole_adapter_is_saved(trainer, tmp_path):
+    from safetensors import safe_open
+
+    from hf_instruct_tune.training import _save_final
+
+    _save_final(trainer, tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), framework="pt") as weights:
+        assert len(list(weights.keys())) == 2 * 2  # lora_A and lora_B of q_proj in both layers

@@ -8,7 +8,6 @@ import os
 import sys
 
 from ..config import TrainConfig, field_type
-from ..errors import InputError
 
 EXAMPLES = """examples:
   hf-instruct-tune train --data examples/dataset.json --template alpaca-zh --output-dir outputs/sentiment
@@ -52,15 +51,7 @@ def run(args: argparse.Namespace) -> int:
     if config.num_processes and config.num_processes > 1:
         from ..launch import relaunch_with_accelerate
 
-        return relaunch_with_accelerate(sys.argv[1:] if args.argv is None else args.argv, config.num_processes,
-                                        fsdp=config.fsdp)
-    if config.fsdp:
-        from ..launch import fsdp_launched
-
-        if not fsdp_launched():
-            raise InputError("--fsdp shards the model across processes: add --num-processes N (N >= 2), or start "
-                             "the command with `accelerate launch --config_file examples/accelerate_fsdp.yaml`",
-                             field="fsdp")
+        return relaunch_with_accelerate(sys.argv[1:] if args.argv is None else args.argv, config.num_processes)
     # the package's default allocator setting, set before CUDA starts: less fragmentation at the same peak
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
