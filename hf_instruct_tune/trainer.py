@@ -87,7 +87,9 @@ class InstructTrainer(SFTTrainer):
     Saving (``save_model``, checkpoints) also writes ``hf_instruct_tune.json`` (training metadata) and
     ``prompt_template.jinja`` (the exact template) next to the adapter; ``save_model()`` and
     ``create_model_card()`` write the package's model card (``README.md``, ``loss_curve.png``), and
-    ``push_to_hub()`` publishes all of it in one commit, as ``hf-instruct-tune upload`` does.
+    ``push_to_hub()`` publishes all of it in one commit, as ``hf-instruct-tune upload`` does. The saved
+    tokenizer's ``chat_template`` renders the format the adapter was trained in, so ``apply_chat_template`` and
+    servers prompt it exactly as training did.
 
     Warm-up is capped at a tenth of the run (``args.warmup_steps`` of 5 on a 10-step run gives 1), and the log
     says how many steps it took.
