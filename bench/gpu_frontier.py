@@ -9,6 +9,7 @@ allocator settings and the same timed steps (6 to 10).
 usage (on the GPU machine, see bench/run_gpu_frontier.sh):
   python bench/gpu_frontier.py data OUT.jsonl                       # the bench rows as `text` rows
   python bench/gpu_frontier.py cli NAME MODEL_DIR DATA OUTDIR [FLAGS...]   # one CLI run -> RESULT line
+      (--accelerate-config FILE among the flags: through `accelerate launch --config_file FILE`)
   python bench/gpu_frontier.py table RESULTS.json                   # the frontier table (markdown)
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -40,7 +42,13 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
     """Run `hf-instruct-tune train` once; the RESULT comes from the adapter's `hf_instruct_tune.json`."""
     out = os.path.join(os.path.abspath(outdir), f"adapter_{name}")
     model_dir, data_file = os.path.abspath(model_dir), os.path.abspath(data_file)
-    command = [sys.executable, "-m", "hf_instruct_tune", "train", "--model", model_dir, "--data", data_file,
+    launcher = [sys.executable, "-m", "hf_instruct_tune"]
+    if "--accelerate-config" in flags:  # `accelerate launch --config_file FILE -m hf_instruct_tune train ...`
+        at = flags.index("--accelerate-config")
+        config = os.path.abspath(flags[at + 1])
+        flags = flags[:at] + flags[at + 2:]
+        launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "hf_instruct_tune"]
+    command = [*launcher, "train", "--model", model_dir, "--data", data_file,
                "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",
                "--max-steps", str(gpu_bench.STEPS), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",
                "--warmup-steps", "5", *flags]
@@ -68,6 +76,17 @@ def _fits(result: dict, budget: float | None) -> bool:
     return "error" not in result and (budget is None or result["peak_alloc_gib"] <= budget)
 
 
+def _short_plan(line: str) -> str:
+    """``Memory plan: 16 rows ... = 16 per micro-batch x 1 accumulated ...`` -> ``16 x 1, 32/32 ckpt, fused loss, ...``"""
+    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed; loss: ([^;]+); "
+                      r"input embeddings on (\w+); estimated peak ([\d.]+)", line)
+    if not match:
+        return line
+    micro, accum, ckpt, loss, where, estimate = match.groups()
+    return (f"{micro} x {accum}, ckpt {ckpt}, {'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, "
+            f"estimate {estimate} GiB")
+
+
 def _cell(result: dict | None) -> str:
     return f"{result['real_tokens_per_s']:,.0f} @ {result['peak_alloc_gib']:.1f}" if result else ""
 
@@ -90,10 +109,9 @@ def table(results: list[dict]) -> str:
             cell = f"failed: {ours['error'][:60]}" if ours else "not run"
             lines.append(f"| {label} | {cell} | | | | | | |")
             continue
-        plan = (ours.get("plan") or "").replace("Memory plan: ", "")
+        plan = _short_plan(ours.get("plan") or "")
         flags = ours["flags"] or "(default flags)"
-        share = ours["real_tokens_per_s"] / BOUND_RECOMPUTE if "0/" not in plan.split(";")[1] else \
-            ours["real_tokens_per_s"] / BOUND_FULL
+        share = ours["real_tokens_per_s"] / (BOUND_FULL if " 0/" in plan else BOUND_RECOMPUTE)
         u, h = best["unsloth"], best["hf"]
         over = "" if _fits(ours, budget) else " (over budget)"
         ratio = f"{ours['real_tokens_per_s'] / u['real_tokens_per_s']:.2f}" if u else ""

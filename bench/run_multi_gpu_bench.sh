@@ -19,7 +19,8 @@ ROWS="--batch-size 16 --grad-accum 1"
 run() { name=$1; shift; timeout ${RUN_TIMEOUT:-200} python3 bench/gpu_frontier.py cli $name $M $DATA $OUT $ROWS "$@" \
   2>&1 | grep "^RESULT" | sed 's/^RESULT //' >> $OUT/multi_gpu.jsonl; tail -c 600 $OUT/log_cli_$name.txt | grep -iE "error|memory plan" ; }
 for setting in ${SETTINGS:-"qlora_1gpu --load-in-4bit" "qlora_ddp --load-in-4bit --num-processes $N" \
-    "qlora_fsdp --load-in-4bit --fsdp --num-processes $N" "bf16_1gpu" "bf16_fsdp --fsdp --num-processes $N"}; do
+    "qlora_fsdp --load-in-4bit --accelerate-config bench/accelerate_fsdp1.yaml" "bf16_1gpu" \
+    "bf16_fsdp --accelerate-config bench/accelerate_fsdp1.yaml"}; do
   set -- $setting; name=$1; shift
   case "$name" in *_1gpu) CUDA_VISIBLE_DEVICES=0 run $name "$@";; *) run $name "$@";; esac
 done
