@@ -356,3 +356,22 @@ def test_trainer_trains_in_the_model_template_and_generate_prompts_with_it(gemma
     assert "trained on prompts rendered with **the base model's own chat template**" in card
     assert "<start_of_turn>user\nIs Paris the capital of France?<end_of_turn>\n<start_of_turn>model" in card
     assert "`tokenizer.apply_chat_template(messages, add_generation_prompt=True)` gives exactly this prompt" in card
+
+
+def test_train_and_generate_commands_resolve_the_same_template(gemma_checkpoint, tmp_path):
+    """`train` (which checks the data before loading the model), the trainer it builds and `generate` agree."""
+    from hf_instruct_tune.cli import main
+
+    data = write_jsonl(tmp_path / "conv.jsonl", [{"messages": CONVERSATION[1:]}] * 2)
+    out = tmp_path / "adapter"
+    assert main(["train", "--model", str(gemma_checkpoint), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1"]) == 0
+    metadata = json.loads((out / "hf_instruct_tune.json").read_text(encoding="utf-8"))
+    assert metadata["formatter"] == "messages"
+    assert metadata["template"]["name"] == "model" and metadata["template"]["stop_token"] == "<end_of_turn>"
+    assert (out / "chat_template.jinja").read_text(encoding="utf-8") == SHAPES["gemma"].template
+    predictions = tmp_path / "predictions.jsonl"
+    assert main(["generate", "--adapter", str(out), "--data", str(data), "--output", str(predictions),
+                 "--max-new-tokens", "2"]) == 0
+    rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 2 and all(row["finish_reason"] in {"eos", "length"} for row in rows)

@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="Show full tracebacks on errors.")
     parser.add_argument("--verbose", action="store_true",
-                        help="Also log every HTTP request and the warnings of the libraries underneath.")
+                        help="Also log every HTTP request, and show the data-loading progress bars.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in COMMANDS.values():
         try:
@@ -75,14 +75,14 @@ HTTP_LOGGERS = ("httpx", "httpcore", "httpx2", "urllib3")
 
 
 def quiet_libraries(*, verbose: bool = False) -> None:
-    """Unless ``verbose``: HTTP request logs off (their warnings and errors still show), and the third-party
-    warnings that the user cannot act on filtered."""
+    """The third-party warnings that the user cannot act on filtered; unless ``verbose``, HTTP request logs off
+    (their warnings and errors still show) and no data-loading progress bars."""
     from ..quiet import filter_third_party_warnings
 
     for name in HTTP_LOGGERS:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
+    filter_third_party_warnings()
     if not verbose:
-        filter_third_party_warnings()
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split": not the user's words
 
 
