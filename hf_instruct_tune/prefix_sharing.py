@@ -17,7 +17,7 @@ A batch built here holds:
 
 * ``input_ids``, ``position_ids`` ``[1, T]`` (T: the tokens of the tree),
 * ``attention_mask`` ``[1, 1, T, T]`` bool, True where a query token may attend to a key token (transformers
-  uses a 4-D mask as given; ``sdpa`` and ``flex_attention`` take it, see :func:`attention_mask_for`),
+  uses a 4-D mask as given; ``sdpa`` takes it as is, ``eager`` as an additive mask, see :func:`attention_mask_for`),
 * ``loss_positions`` ``[1, N]`` and ``labels`` = ``shift_labels`` ``[1, N]``: the N supervised predictions
   (transformers counts ``shift_labels`` for the loss normalization across gradient accumulation),
 * ``rows`` and ``row_tokens`` (scalars: the rows and the tokens they hold), ``use_cache=False``.
@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 IGNORE_INDEX = -100
-MASK_ATTENTIONS = {"sdpa", "eager", "flex_attention"}
+MASK_ATTENTIONS = {"sdpa", "eager"}
 """Attention implementations that take an explicit 4-D mask (flash and varlen kernels ignore masks)."""
 SHARING_KEYS = ("loss_positions", "shift_labels", "rows", "row_tokens")
 """Keys of a shared-prefix batch that are not model inputs."""
@@ -149,20 +149,10 @@ def sharing_pays(lengths: Sequence[int], tree_tokens: int, *, attention_tokens: 
 
 def attention_mask_for(mask: torch.Tensor, attn_implementation: str | None, dtype: torch.dtype) -> Any:
     """The bool ``[B, 1, T, T]`` mask in the form the model's attention takes: bool for ``sdpa``, additive
-    for ``eager``, a ``BlockMask`` for ``flex_attention``."""
+    for ``eager``."""
     if attn_implementation == "eager":
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return additive.masked_fill(~mask, torch.finfo(dtype).min)
-    if attn_implementation == "flex_attention":
-        from torch.nn.attention.flex_attention import create_block_mask
-
-        dense = mask[:, 0]
-
-        def mask_mod(b, h, q, k):
-            return dense[b, q, k]
-
-        length = mask.shape[-1]
-        return create_block_mask(mask_mod, mask.shape[0], None, length, length, device=mask.device)
     return mask
 
 

@@ -74,7 +74,7 @@ class InstructTrainer(SFTTrainer):
             (False), or as the plan decides (None).
         prefix_sharing: compute the token prefixes that rows of a micro-batch share once
             (:mod:`hf_instruct_tune.prefix_sharing`): the same loss and gradients, less work. None (default): on
-            when the model's attention takes an explicit mask (``sdpa``, ``eager``, ``flex_attention``), for the
+            when the model's attention takes an explicit mask (``sdpa``, ``eager``), for the
             micro-batches where it costs clearly less. On CPU it also merges the micro-batches of a step into one
             when they fit 16k tokens (same rows per step, same loss). The log says how many tokens it saved.
 
