@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .adapter_folder import check_adapter_folder, load_adapter, load_tokenizer, read_json_object, read_text
 from .errors import InputError
 from .formatters import FieldError, get_formatter
 from .metadata import TrainingMetadata
 from .templating import TEMPLATE_FILE_NAME, PromptTemplate
+from .tokenization import ExampleError
 from .chat_encoding import encoder_for
 from .chat_template import ChatTemplate
 from .recipe import is_model_template
@@ -41,26 +42,25 @@ class AdapterGenerator:
 
     def __init__(self, adapter_dir: str | Path, *, model: str | None = None, trust_remote_code: bool = False,
                  allow_pickle: bool = False):
-        from peft import PeftModel
-        from transformers import AutoTokenizer
-
         from .models import load_base_model, resolve_model
 
         adapter_dir = _local_adapter(adapter_dir)
-        if not (adapter_dir / "adapter_config.json").is_file():
-            raise InputError("no adapter_config.json here; pass the folder 'hf-instruct-tune train' wrote",
-                             source=str(adapter_dir))
+        check_adapter_folder(adapter_dir, allow_pickle=allow_pickle)  # it may come from anyone's Hub repo
         self.metadata = TrainingMetadata.load(adapter_dir)
-        self.tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+        self.tokenizer = load_tokenizer(adapter_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.template = _saved_template(adapter_dir, self.metadata.template.get("name", "saved"), self.tokenizer)
         self.encoder = encoder_for(self.tokenizer, self.template)
+        try:  # a template the sandbox refuses is the folder's fault, found before the model loads
+            self.encoder.encode_prompt([{"role": "user", "content": "hello"}])
+        except ExampleError as error:
+            raise InputError(str(error), source=str(adapter_dir / TEMPLATE_FILE_NAME)) from None
         base = model or self.metadata.base_model or _adapter_base(adapter_dir)
         if not base:
             raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
         base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        self.model = PeftModel.from_pretrained(base_model, str(adapter_dir)).eval()
+        self.model = load_adapter(base_model, adapter_dir).eval()
         self._use_unsloth_inference()
 
     def _use_unsloth_inference(self) -> None:
@@ -133,7 +133,7 @@ def _saved_template(adapter_dir: Path, name: str, tokenizer) -> PromptTemplate |
     if is_model_template(name):  # the tokenizer's own chat template, kept verbatim
         if not template_file.is_file():
             raise InputError("template file not found", source=str(template_file))
-        return ChatTemplate.from_source(template_file.read_text(encoding="utf-8"), tokenizer, name=name,
+        return ChatTemplate.from_source(read_text(template_file), tokenizer, name=name,
                                         origin=str(template_file))
     template = PromptTemplate.from_file(template_file)
     return PromptTemplate.from_source(template.source, name=name, origin=str(template_file))
@@ -177,8 +177,7 @@ def _local_adapter(adapter: str | Path) -> Path:
 
 
 def _adapter_base(adapter_dir: Path) -> str | None:
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    return config.get("base_model_name_or_path")
+    return read_json_object(adapter_dir / "adapter_config.json").get("base_model_name_or_path")
 
 
 def prompt_messages(row: Mapping[str, Any], formatter_name: str) -> list[dict]:

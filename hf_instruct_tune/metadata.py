@@ -6,6 +6,7 @@ so that ``generate`` rebuilds the exact training prompt. Nothing here is a secre
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -50,12 +51,28 @@ class TrainingMetadata:
         if not path.is_file():
             raise InputError(f"no {METADATA_FILE_NAME} here; is this an adapter trained with hf-instruct-tune?",
                              source=str(directory))
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as error:
-            raise InputError(f"malformed JSON: {error.msg}", source=str(path), location=f"line {error.lineno}") from None
-        known = {name for name in cls.__dataclass_fields__}
-        return cls(**{key: value for key, value in data.items() if key in known})
+        from .adapter_folder import read_json_object
+
+        data = read_json_object(path)
+        fields = {item.name: item for item in dataclasses.fields(cls)}
+        for key, value in data.items():
+            if key in fields and value is not None and not _has_type(value, fields[key]):
+                raise InputError(f"has the wrong type ({type(value).__name__})", source=str(path), field=key)
+        return cls(**{key: value for key, value in data.items() if key in fields})
+
+
+def _has_type(value: Any, item: dataclasses.Field) -> bool:
+    """Whether ``value``, read from a file, has the kind of the field ``item`` (a dict, a list, text, a number)."""
+    kind = str(item.type)
+    if kind.startswith("dict"):
+        return isinstance(value, dict)
+    if kind.startswith("list"):
+        return isinstance(value, list) and all(isinstance(entry, str) for entry in value)
+    if kind.startswith("str"):
+        return isinstance(value, str)
+    if kind.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    return True
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -24,12 +24,11 @@ def _load_base(name_or_path: str, base_model_id: str | None, dtype: str, allow_p
 def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str | None = None, dtype: str = "auto",
                   card: bool = True, overwrite: bool = False, allow_pickle: bool = False) -> Path:
     """Merge the adapter in ``adapter_dir`` into its base (``base`` or the recorded Hub id) and save to ``output_dir``."""
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from ..adapter_folder import check_adapter_folder, load_adapter, load_tokenizer
+    from ..outputs import file_state, make_readable, written_since
 
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise InputError("no adapter_config.json here; pass the folder 'hf-instruct-tune train' wrote", source=str(adapter_dir))
+    check_adapter_folder(adapter_dir, allow_pickle=allow_pickle)  # it may come from anyone's Hub repo
     meta = TrainingMetadata.load(adapter_dir) if (adapter_dir / METADATA_FILE_NAME).is_file() else None
     base = base or (meta.base_model if meta else None)
     if not base:
@@ -38,11 +37,13 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str 
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise InputError("already exists and is not empty; choose another --merged folder or pass --overwrite",
                          source=str(output_dir))
+    tokenizer = load_tokenizer(adapter_dir)
     model = _load_base(base, meta.base_model if meta else None, dtype, allow_pickle)
-    merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    merged = load_adapter(model, adapter_dir).merge_and_unload()
+    before = file_state(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(output_dir, safe_serialization=True)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
     for name in CARRIED_FILES:
         if (adapter_dir / name).is_file():
             shutil.copy2(adapter_dir / name, output_dir / name)
@@ -50,5 +51,7 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str 
         from .card import existing_card_overrides, write_card
 
         write_card(output_dir, merged=True, **existing_card_overrides(adapter_dir))
+    for name in written_since(output_dir, before):
+        make_readable(output_dir / name)
     logger.info("Merged model written to %s", output_dir)
     return output_dir

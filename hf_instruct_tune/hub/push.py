@@ -254,9 +254,11 @@ def _portable_adapter_config(path: Path) -> bytes | None:
 
     from .card import is_hub_id
 
-    config = json.loads(path.read_text(encoding="utf-8"))
+    from ..adapter_folder import read_json_object
+
+    config = read_json_object(path)
     base = config.get("base_model_name_or_path")
-    if not base or is_hub_id(base):
+    if not isinstance(base, str) or not base or is_hub_id(base):
         return None
     recorded = None
     if (path.parent / METADATA_FILE_NAME).is_file():
