@@ -358,6 +358,9 @@ def test_card_templates_render_in_the_sandbox(tmp_path, tiny_model, monkeypatch)
 
 @pytest.mark.parametrize("command", ["generate", "export"])
 def test_pickle_advice_names_a_flag_the_command_has(capsys, tmp_path, command):
+    import torch
+    from safetensors.torch import save_file
+
     from hf_instruct_tune.testing.tiny import build_tiny_tokenizer
 
     from test_card import make_adapter_dir
@@ -367,6 +370,7 @@ def test_pickle_advice_names_a_flag_the_command_has(capsys, tmp_path, command):
     (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
     adapter = make_adapter_dir(tmp_path / "adapter")
     build_tiny_tokenizer().save_pretrained(adapter)
+    save_file({"base_model.model.lm_head.lora_A.weight": torch.zeros(2, 2)}, adapter / "adapter_model.safetensors")
     argv = (["generate", "--adapter", str(adapter), "--model", str(pickled), "--instruction", "hi"]
             if command == "generate" else ["export", "--adapter", str(adapter), "--base", str(pickled),
                                            "--merged", str(tmp_path / "merged")])
