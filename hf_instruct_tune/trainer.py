@@ -346,7 +346,9 @@ class InstructTrainer(SFTTrainer):
                 self.args.warmup_steps = used
             if self.is_world_process_zero():
                 capped = f" ({asked} asked; at most 1/{WARMUP_FRACTION} of the run)" if used != asked else ""
-                logger.info("Warm-up: %d of %d steps%s", used, num_training_steps, capped)
+                # a shortened warm-up is a change to what was asked: shown even where INFO logs are not
+                logger.log(logging.WARNING if capped else logging.INFO, "Warm-up: %d of %d steps%s", used,
+                           num_training_steps, capped)
         return super().create_scheduler(num_training_steps, optimizer)
 
     # -- metadata ----------------------------------------------------------------------------------
