@@ -6,14 +6,15 @@ fixed by the user; how they are cut into micro-batches is not, and neither is wh
 
 1. the micro-batch: the most rows per forward pass that fit with every memory saving on (fewer, larger
    micro-batches are much faster: the per-micro-batch cost of a 4-bit model is mostly fixed);
-2. how many decoder layers recompute their activations in backward (as few as fit);
-3. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits);
-4. where the frozen input-embedding table lives: on the GPU when it fits, else in CPU memory.
+2. where the frozen input-embedding table lives: on the GPU when that micro-batch fits so, else in CPU memory;
+3. how many decoder layers recompute their activations in backward (as few as fit);
+4. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits).
 
 None of these changes the loss or the gradients: the loss of a step is normalized by the supervised tokens
 of the whole step whatever the micro-batches, checkpointing recomputes the same values, and the fused loss
-is the same cross-entropy. The estimate is calibrated on measured peaks of a Llama-3-8B QLoRA step on an
-H200 (``BENCHMARKS.md``, "GPU"), within about 5%, on the high side.
+is the same cross-entropy. The estimate is calibrated on the peaks that ``train`` measured for a Llama-3-8B
+QLoRA step on an H200 (``BENCHMARKS.md``, "GPU"): within 6% of each at the mean micro-batch, and above each at
+the plan's larger-than-mean micro-batch.
 
 Without a GPU and without ``--max-memory``, nothing is planned: the batch runs as given.
 """
@@ -31,7 +32,7 @@ GIB = 2**30
 _FREE_MEMORY_SHARE = 0.92  # of the GPU memory this process can use: room for fragmentation and cuBLAS workspaces
 _OVERHEAD_BYTES = GIB // 4  # kernels' workspaces, the optimizer step's temporaries
 _TAIL_STDS = 0.5  # a large micro-batch: the mean tokens plus this many standard deviations of a sum of rows
-_PLAIN_LOSS_BYTES = 16  # per token and vocabulary entry: bf16 logits, their fp32 copy, its gradient, softmax
+_PLAIN_LOSS_BYTES = 6  # per token and vocabulary entry: bf16 logits and their fp32 copy
 _FUSED_LOSS_BYTES = 16  # the same, for one chunk of tokens on the chunked path (none with Cut Cross-Entropy)
 _CHUNK_TOKENS = 1024
 
@@ -166,14 +167,14 @@ def plan_memory(
 
     divisors = [d for d in range(rows_per_process, 0, -1) if rows_per_process % d == 0]
     micro = next((d for d in divisors if cost(d, most_checkpointed, lean_loss, lean_embeddings) <= budget), 1)
-    checkpointed = next((c for c in sorted(checkpoint_choices)
-                         if cost(micro, c, lean_loss, lean_embeddings) <= budget), most_checkpointed)
-    fused = lean_loss
-    if fixed.fused_loss is None and cost(micro, checkpointed, False, lean_embeddings) <= budget:
-        fused = False
     on_cpu = lean_embeddings
-    if fixed.embeddings_on_cpu is None and on_cpu and cost(micro, checkpointed, fused, False) <= budget:
+    if fixed.embeddings_on_cpu is None and on_cpu and cost(micro, most_checkpointed, lean_loss, False) <= budget:
         on_cpu = False
+    checkpointed = next((c for c in sorted(checkpoint_choices) if cost(micro, c, lean_loss, on_cpu) <= budget),
+                        most_checkpointed)
+    fused = lean_loss
+    if fixed.fused_loss is None and cost(micro, checkpointed, False, on_cpu) <= budget:
+        fused = False
     estimate = cost(micro, checkpointed, fused, on_cpu)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, fused, on_cpu, budget_gib, estimate / GIB, budget_source)
@@ -193,7 +194,7 @@ def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool) -> i
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
                    embeddings_on_cpu: bool) -> float:
     """Peak bytes of one training step on ``tokens`` tokens per micro-batch (bf16 activations)."""
-    per_layer = tokens * 2 * (10 * shape.hidden + 8 * shape.intermediate)  # what a layer keeps for backward
+    per_layer = tokens * 2 * (10 * shape.hidden + 4.5 * shape.intermediate)  # what a layer keeps for backward
     kept = (shape.layers - checkpointed_layers) * per_layer
     checkpoints = checkpointed_layers * tokens * shape.hidden * 2 + (per_layer if checkpointed_layers else 0)
     loss_tokens = min(tokens, _CHUNK_TOKENS) if fused_loss else tokens
