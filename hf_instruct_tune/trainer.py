@@ -84,6 +84,10 @@ class InstructTrainer(SFTTrainer):
     ``args.packing=True`` or ``args.padding_free=True`` trains on packed rows with per-example attention
     isolation (see :mod:`hf_instruct_tune.packing`) instead of TRL's packing.
 
+    After ``train()``, ``trainer.tokens_per_second`` holds the real (non-padding) tokens per second of every
+    process together, over the steps after the first five, and ``trainer.peak_memory_gib`` each process's peak
+    GPU memory during training; both are also in ``hf_instruct_tune.json`` (``results``).
+
     Saving (``save_model``, checkpoints) also writes ``hf_instruct_tune.json`` (training metadata) and
     ``prompt_template.jinja`` (the exact template) next to the adapter; ``save_model()`` and
     ``create_model_card()`` write the package's model card (``README.md``, ``loss_curve.png``), and
