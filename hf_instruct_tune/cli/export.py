@@ -25,7 +25,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         help="Base model to merge into. Default: the Hub id recorded at training time.")
     parser.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (default).")
     parser.add_argument("--overwrite", action="store_true", help="Write into OUT even if it is not empty.")
-    parser.add_argument("--allow-pickle", action="store_true", help="Accept pickle (*.bin) weights where a base model or the adapter has no safetensors.")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="Accept pickle (*.bin) weights where a base model or the adapter has no safetensors.")
     parser.add_argument("--no-card", dest="card", action="store_false", help="Do not write README.md.")
     parser.set_defaults(func=run)
     return parser

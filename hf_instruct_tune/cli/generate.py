@@ -29,7 +29,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="Longest response in tokens (default: 256).")
     parser.add_argument("--batch-size", type=int, default=8, help="Prompts per batch (default: 8).")
     parser.add_argument("--trust-remote-code", action="store_true", help="Run code from the base model's repository.")
-    parser.add_argument("--allow-pickle", action="store_true", help="Accept pickle (*.bin) weights where a base model or the adapter has no safetensors.")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="Accept pickle (*.bin) weights where a base model or the adapter has no safetensors.")
     parser.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
                         help="Run the prompt prefix that a batch's rows share once and reuse its KV cache "
                              "(default: on).")
