@@ -83,7 +83,7 @@ def quiet_libraries(*, verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
     filter_third_party_warnings()
     if not verbose:
-        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # "Generating train split": not the user's words
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")  # no "Generating train split" bars
 
 
 if __name__ == "__main__":
