@@ -272,4 +272,5 @@ def tokenize_source(source: DataSource, formatter: Callable[[Mapping], dict], en
 
 def _all_overlong(source: DataSource, rows: int, max_length: int | None) -> InputError:
     return InputError(f"every one of its {rows} rows is longer than --max-length {max_length}; "
-                      "raise --max-length or use --overlong truncate", source=source.display, field="max_length")
+                      "raise --max-length or use --overlong truncate (in Python: the config's `max_length`, "
+                      "`overlong=\"truncate\"`)", source=source.display, field="max_length")

@@ -177,6 +177,6 @@ def detect_formatter(columns: Sequence[str], *, source: str | None = None, locat
                 break
     raise InputError(
         f"cannot detect the formatter from the columns {sorted(present)}. Expected one of: {expected}. "
-        f"Name one with --formatter.{hint}",
+        f"Name one with --formatter (`formatter=` in Python).{hint}",
         source=source, location=location, field=culprit,
     )

@@ -99,4 +99,4 @@ def default_template_name(formatter_name: str, tokenizer) -> str:
                         template, token)
             return template
     raise InputError(f"no default template for '{formatter_name}' rows with this tokenizer: it has no chat_template; "
-                     "name one with --template (e.g. chatml, llama-3, or a path to a .jinja file)")
+                     "name one with --template (`template=` in Python), e.g. chatml, llama-3, or a .jinja file")

@@ -170,6 +170,15 @@ def test_collator_shares_only_where_it_pays():
     assert not sharing_pays([1000] * 16, 15000, attention_tokens=4096)  # little shared, a quadratic mask
 
 
+def test_packing_falls_back_to_isolated_packing_when_nothing_is_shared():
+    collator = EOSSafeCollator(pad_token_id=PAD, prefix_sharing=True, padding_free=True)
+    assert "loss_positions" in collator(_rows())
+    strangers = [{"input_ids": [5, 6, 7, EOS], "labels": [-100, -100, 7, EOS]},
+                 {"input_ids": [8, 9, EOS], "labels": [-100, 9, EOS]}]
+    packed = collator(strangers)
+    assert "loss_positions" not in packed and packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+
+
 def test_cpu_micro_batches_merge_only_when_they_fit():
     assert merged_micro_batches(4, 4, 150) == (16, 1)
     assert merged_micro_batches(4, 4, 2048) == (4, 4)
