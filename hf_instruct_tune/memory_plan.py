@@ -21,6 +21,7 @@ Without a GPU and without ``--max-memory``, nothing is planned: the batch runs a
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -277,6 +278,8 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
     sample = dataset.select(range(min(len(dataset), sample_rows))) if hasattr(dataset, "select") else dataset
     lengths = [len(ids) for ids in sample["input_ids"]]
     shape = ModelShape.of(model, trainable_params=_trainable_params(model, peft_config))
+    if fixed.embeddings_on_cpu is None and _embeddings_in_cpu_memory(model):
+        fixed = dataclasses.replace(fixed, embeddings_on_cpu=True)
     return plan_memory(
         shape, rows_per_process=args.per_device_train_batch_size * args.gradient_accumulation_steps,
         processes=world_size(), row_lengths=lengths, packed=packed,
@@ -298,6 +301,11 @@ def _trainable_params(model, peft_config) -> int:
         if matched and hasattr(module, "in_features") and hasattr(module, "out_features") and leaf != "lm_head":
             total += rank * (module.in_features + module.out_features)
     return total
+
+
+def _embeddings_in_cpu_memory(model) -> bool:
+    table = getattr(model.get_input_embeddings(), "table", None)
+    return table is not None and table.device.type == "cpu" and not any(table is p for p in model.parameters())
 
 
 def _embeddings_trainable(model, peft_config) -> bool:

@@ -153,3 +153,19 @@ def test_two_plans_give_the_same_loss_at_every_step(tmp_path, monkeypatch):
     assert planned.checkpointed_layers == 3 == planned_ckpt and planned.fused_loss
     assert len(reference) == len(losses) == 4
     assert_close(torch.tensor(losses), torch.tensor(reference), rtol=1e-4, atol=1e-5)
+
+
+def test_embeddings_already_in_cpu_memory_are_reported_so(monkeypatch):
+    from trl import SFTConfig
+
+    from hf_instruct_tune.backends import offload_input_embeddings
+    from hf_instruct_tune.memory_plan import plan_for_trainer
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(build_tiny_tokenizer())
+    args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2)
+    rows = {"input_ids": [[1, 2, 3]] * 8}
+    assert not plan_for_trainer(model, args, rows, packed=True, max_memory=1.0).embeddings_on_cpu
+    offload_input_embeddings(model)
+    assert plan_for_trainer(model, args, rows, packed=True, max_memory=1.0).embeddings_on_cpu
