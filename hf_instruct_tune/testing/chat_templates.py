@@ -170,9 +170,10 @@ def build_chat_tokenizer(shape: str | ChatShape, *, vocab_size: int = 700):
 
 def _corpus(shape: ChatShape) -> list[str]:
     """Renders of sample conversations in ``shape``'s template, so its boundaries get real merges."""
-    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    environment = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                extensions=["jinja2.ext.loopcontrols"])
     environment.globals["raise_exception"] = lambda message: ""
     environment.globals["strftime_now"] = lambda fmt: "26 Jul 2024"
     texts = []
