@@ -8,20 +8,29 @@ For every assistant turn of a conversation:
 * the trained span is the answer as the template writes it, tokenized on its own, then the template's
   stop token, once;
 * the rendering must be prefix-stable: the prompt of a later turn starts with the earlier prompt, that
-  turn's answer and the stop token, in text and in ids. A template that rewrites earlier turns (reasoning
-  templates that drop earlier ``<think>`` blocks) is refused for that conversation, never trained on
-  misaligned labels.
+  turn's answer and the stop token, in text and in ids. A conversation that is not (a template that rewrites
+  earlier turns, as reasoning templates that drop earlier ``<think>`` blocks do, or an earlier answer that
+  merges with the text after it) is never trained on misaligned labels: :meth:`ChatTemplateEncoder.encode_rows`
+  trains it as one row per assistant turn, each that turn's served prompt and its answer (``split_turns=True``,
+  the default), and :meth:`~ChatTemplateEncoder.encode` refuses it with the reason.
 
 Everything else (system and user turns, role headers, date lines) is masked.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 from .chat_template import ChatTemplate
 from .templating import PromptTemplate, TemplateRenderError
 from .tokenization import IGNORE_INDEX, EncodedExample, ExampleEncoder, ExampleError
+
+logger = logging.getLogger(__name__)
+
+
+class NotOneSequence(ExampleError):
+    """A conversation whose turns cannot share one sequence with every turn after its served prompt."""
 
 
 def encoder_for(tokenizer, template: PromptTemplate | ChatTemplate, **options) -> ExampleEncoder:
@@ -34,10 +43,31 @@ def encoder_for(tokenizer, template: PromptTemplate | ChatTemplate, **options) -
 class ChatTemplateEncoder(ExampleEncoder):
     """:class:`~hf_instruct_tune.tokenization.ExampleEncoder` for a :class:`~hf_instruct_tune.chat_template.ChatTemplate`.
 
-    Takes the same options. An Alpaca ``input`` joins its user turn after a blank line.
+    Takes the same options, and ``split_turns``: train a conversation that cannot be one sequence as one row
+    per assistant turn (default) rather than refuse it. An Alpaca ``input`` joins its user turn after a blank line.
     """
 
     template: ChatTemplate
+
+    def __init__(self, tokenizer, template: ChatTemplate, *, split_turns: bool = True, **options):
+        super().__init__(tokenizer, template, **options)
+        self.split_turns = split_turns
+        self.split_conversations = 0
+
+    def encode_rows(self, example: Mapping) -> list[EncodedExample]:
+        """The example as one row, or, where its turns cannot share one sequence, one row per assistant turn."""
+        if "text" in example or not self.split_turns:
+            return super().encode_rows(example)
+        try:
+            return super().encode_rows(example)
+        except NotOneSequence as error:
+            if not self.split_conversations:
+                logger.warning("Training a conversation as one row per assistant turn (and any like it): %s", error)
+            self.split_conversations += 1
+        messages = self.normalized_messages(example["messages"])
+        rows = [self.last_turn_row(messages[: turn + 1])
+                for turn, message in enumerate(messages) if message["role"] == "assistant"]
+        return [row for row in rows if row is not None]
 
     def encode(self, example: Mapping) -> EncodedExample | None:
         if "text" in example:
@@ -62,7 +92,7 @@ class ChatTemplateEncoder(ExampleEncoder):
             answer = self._answer_text(messages, turn, prompt, blocks[number] if blocks else None)
             prompt_ids = self._tokenize_prompt(prompt)
             if prompt_ids[: len(input_ids)] != input_ids:
-                raise ExampleError(
+                raise NotOneSequence(
                     f"{self._template_label()} tokenizes assistant turn messages[{assistant_turns[number - 1]}] "
                     "differently inside the longer conversation than after its own prompt (text at its edge merges "
                     "into one token), so its labels would not match how a server prompts the model; split the "
@@ -105,6 +135,19 @@ class ChatTemplateEncoder(ExampleEncoder):
             normalized.append(message)
         return normalized
 
+    def last_turn_row(self, messages: Sequence[Mapping]) -> EncodedExample | None:
+        """The row that trains the last message (an answer) after its served prompt, the only turn trained;
+        ``None`` when it is dropped for its length."""
+        messages = self.normalized_messages(messages)
+        prompt = self._render(messages[:-1], add_generation_prompt=True)
+        turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+        blocks = self._generation_blocks(messages, turns)
+        answer = self._answer_text(messages, len(messages) - 1, prompt, blocks[-1] if blocks else None)
+        prompt_ids = self._tokenize_prompt(prompt)
+        answer_ids = self._tokenize_answer(answer) + [self.stop_token_id]
+        labels = prompt_ids if self.train_on_prompt else [IGNORE_INDEX] * len(prompt_ids)
+        return self._fit(EncodedExample(prompt_ids + answer_ids, labels + answer_ids))
+
     def _generation_blocks(self, messages: list[dict], assistant_turns: list[int]) -> list[tuple[str, int]] | None:
         """``(text before the block, text from the block on)`` per assistant turn, where the template marks them.
 
@@ -139,8 +182,8 @@ class ChatTemplateEncoder(ExampleEncoder):
         stop = answer.find(self.stop_text)
         return answer[:stop] if stop >= 0 else answer
 
-    def _rewrites_error(self, turn: int) -> ExampleError:
-        return ExampleError(
+    def _rewrites_error(self, turn: int) -> NotOneSequence:
+        return NotOneSequence(
             f"{self._template_label()} renders assistant turn messages[{turn}] differently once the conversation "
             "goes on (it rewrites earlier turns, as reasoning templates that drop earlier <think> blocks do), so that "
             "turn cannot be trained the way a server prompts the model. Split such conversations so each row ends "

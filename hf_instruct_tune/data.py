@@ -221,16 +221,17 @@ def tokenize_source(source: DataSource, formatter: Callable[[Mapping], dict], en
         for location, row in source.rows():
             stats["rows"] += 1
             try:
-                encoded = encoder.encode(formatter(row))
+                encoded_rows = encoder.encode_rows(formatter(row))
             except (FieldError, ExampleError) as error:
                 raise row_error(error, source.display, location) from None
             if stats["rows"] % _PROGRESS_EVERY == 0:
                 logger.info("Tokenized %d rows of %s", stats["rows"], source.display)
-            if encoded is None:
+            if not encoded_rows:
                 stats["dropped"] += 1
                 continue
-            stats["truncated"] += encoded.truncated
-            yield encoded.as_dict()
+            for encoded in encoded_rows:
+                stats["truncated"] += encoded.truncated
+                yield encoded.as_dict()
 
     workdir = workdir or tempfile.mkdtemp(prefix="hf_instruct_tune-data-")
     features = datasets.Features({"input_ids": datasets.Sequence(datasets.Value("int32")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .chat_encoding import ChatTemplateEncoder
+from .chat_encoding import ChatTemplateEncoder, NotOneSequence
 from .tokenization import IGNORE_INDEX, ExampleEncoder
 
 
@@ -34,14 +34,34 @@ class ExampleReport:
         return [tokenizer.decode(span, skip_special_tokens=False) for span in spans]
 
 
+def inspect_rows(encoder: ExampleEncoder, example: Mapping, location: str) -> list[ExampleReport]:
+    """Like :func:`inspect_example`, for each training row of ``example``: a conversation that the chat template
+    cannot hold in one sequence is trained one row per assistant turn, each checked ("line 3, turn 1 of 2")."""
+    try:
+        return [inspect_example(encoder, example, location)]
+    except NotOneSequence:
+        if not getattr(encoder, "split_turns", False):
+            raise
+    messages = encoder.normalized_messages(example["messages"])
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return [_checked(encoder, {"messages": messages[: turn + 1]}, encoder.last_turn_row(messages[: turn + 1]),
+                     f"{location}, turn {number} of {len(turns)}", last_turn_only=True)
+            for number, turn in enumerate(turns, 1)]
+
+
 def inspect_example(encoder: ExampleEncoder, example: Mapping, location: str) -> ExampleReport:
     """Encode ``example`` and check the labels rules on the result."""
-    encoded = encoder.encode(example)
+    return _checked(encoder, example, encoder.encode(example), location)
+
+
+def _checked(encoder: ExampleEncoder, example: Mapping, encoded, location: str, *,
+             last_turn_only: bool = False) -> ExampleReport:
     if encoded is None:
         return ExampleReport(location, [], [], {"fits_max_length": False}, dropped=True)
     ids, labels = encoded.input_ids, encoded.labels
     stop, bos = encoder.stop_token_id, encoder.bos_token_id
     turns = sum(m["role"] == "assistant" for m in example["messages"]) if "messages" in example else 1
+    turns = 1 if last_turn_only else turns
     trained = [label for label in labels if label != IGNORE_INDEX]
     chat = isinstance(encoder, ChatTemplateEncoder)
     checks = {
@@ -53,7 +73,8 @@ def inspect_example(encoder: ExampleEncoder, example: Mapping, location: str) ->
         "labels_match_input_ids": all(label in (IGNORE_INDEX, token) for label, token in zip(labels, ids)),
     }
     if chat and "messages" in example and not encoder.train_on_prompt:
-        checks.update(_chat_template_checks(encoder, example["messages"], ids, labels, encoded.truncated))
+        checks.update(_chat_template_checks(encoder, example["messages"], ids, labels, encoded.truncated,
+                                            last_turn_only=last_turn_only))
     if "messages" in example:
         last = max(i for i, m in enumerate(example["messages"]) if m["role"] == "assistant")
         prompt_ids = encoder.encode_prompt(example["messages"][:last])
@@ -61,11 +82,12 @@ def inspect_example(encoder: ExampleEncoder, example: Mapping, location: str) ->
     return ExampleReport(location, ids, labels, checks)
 
 
-def _chat_template_checks(encoder: ChatTemplateEncoder, messages, ids, labels, truncated: bool) -> dict[str, bool]:
+def _chat_template_checks(encoder: ChatTemplateEncoder, messages, ids, labels, truncated: bool, *,
+                          last_turn_only: bool = False) -> dict[str, bool]:
     """Each assistant turn one supervised span, ending in the stop token, after exactly the ids that the
     tokenizer's own ``apply_chat_template(turns before it, add_generation_prompt=True)`` gives."""
     messages = encoder.normalized_messages(messages)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"][-1 if last_turn_only else 0:]
     starts = [i for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i == 0 or labels[i - 1] == IGNORE_INDEX)]
     ends = [i + 1 for i in range(len(labels)) if labels[i] != IGNORE_INDEX and (i + 1 == len(labels)
                                                                              or labels[i + 1] == IGNORE_INDEX)]

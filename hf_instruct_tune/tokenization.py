@@ -97,6 +97,12 @@ class ExampleEncoder:
             raise ExampleError("has no supervised tokens")
         return self._fit(EncodedExample(input_ids, labels))
 
+    def encode_rows(self, example: Mapping) -> list[EncodedExample]:
+        """The training rows of one example: itself, or none when it is dropped for its length (a chat-template
+        encoder may split a conversation into one row per assistant turn)."""
+        encoded = self.encode(example)
+        return [encoded] if encoded is not None else []
+
     def encode_prompt(self, messages: Sequence[Mapping]) -> list[int]:
         """The ids of the prompt for the next assistant turn, exactly as training tokenized it."""
         ids: list[int] = []

@@ -197,6 +197,28 @@ def test_a_template_that_rewrites_earlier_turns_is_refused_clearly():
     assert len(spans) == 2
 
 
+def test_a_conversation_the_template_rewrites_is_trained_one_row_per_turn():
+    """Each row is one turn's served prompt (the history as the template renders it then) and its answer: the
+    first turn with its <think> block, the second after the history without it."""
+    shape = "qwen3-think"
+    tokenizer = tokenizer_for(shape)
+    messages = [{"role": "user", "content": "hello"},
+                {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nyes"},
+                {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]
+    encoder = ChatTemplateEncoder(tokenizer, ChatTemplate.from_tokenizer(tokenizer))
+    rows = encoder.encode_rows({"messages": messages})
+    assert len(rows) == 2
+    for row, turn in zip(rows, (1, 3)):
+        served = served_prompt_ids(tokenizer, messages[:turn])
+        assert row.input_ids[: len(served)] == served
+        assert set(row.labels[: len(served)]) == {IGNORE_INDEX}
+        assert tokenizer.decode(row.labels[len(served):]) == messages[turn]["content"] + "<|im_end|>"
+    assert "<think>" not in tokenizer.decode(rows[1].input_ids)
+    with pytest.raises(ExampleError, match="rewrites earlier turns"):
+        ChatTemplateEncoder(tokenizer, ChatTemplate.from_tokenizer(tokenizer), split_turns=False).encode_rows(
+            {"messages": messages})
+
+
 def test_an_earlier_answer_that_merges_with_its_prompt_in_the_longer_conversation_is_refused():
     """SentencePiece-style pre-tokenization and a template that writes the answer right after "[/INST]": inside
     the longer conversation "[/INST]Sure," is one token, so no sequence can hold both that turn's served prompt and
@@ -223,6 +245,8 @@ def test_an_earlier_answer_that_merges_with_its_prompt_in_the_longer_conversatio
     ids, labels, spans = encoder.encode_turns(messages[:2])  # the last turn alone is fine
     assert ids[: spans[0][0]] == served_prompt_ids(tokenizer, messages[:1])
     assert tokenizer.decode(labels[spans[0][0]:]) == "Sure, yes.</s>"
+    rows = encoder.encode_rows({"messages": messages})  # for training: one row per turn
+    assert [row.input_ids for row in rows] == [ids, encoder.last_turn_row(messages).input_ids]
 
 
 def test_an_answer_that_spells_the_stop_token_is_refused():
@@ -299,7 +323,7 @@ def test_inspect_json_shows_one_span_per_turn_with_no_template_named(gemma_check
     assert all(report["checks"].values())
 
 
-def test_inspect_refuses_a_rewriting_template_with_one_line_and_exit_2(tmp_path, capsys):
+def test_inspect_shows_a_rewritten_conversation_as_one_row_per_turn(tmp_path, capsys):
     from hf_instruct_tune.cli import main
     from hf_instruct_tune.testing.tiny import build_tiny_model
 
@@ -312,10 +336,12 @@ def test_inspect_refuses_a_rewriting_template_with_one_line_and_exit_2(tmp_path,
                           {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nyes"},
                           {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]}]
     data = write_jsonl(tmp_path / "conv.jsonl", rows)
-    assert main(["inspect", "--data", str(data), "--model", str(checkpoint)]) == 2
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith(f"error: {data}, line 2, field 'messages[1].content': template 'model'")
-    assert "Traceback" not in error
+    assert main(["inspect", "--data", str(data), "--model", str(checkpoint), "--json"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [report["location"] for report in reports] == ["line 1", "line 2, turn 1 of 2", "line 2, turn 2 of 2"]
+    assert [report["trained_text"] for report in reports[1:]] == [["<think>\nhmm\n</think>\n\nyes<|im_end|>"],
+                                                                  ["no<|im_end|>"]]
+    assert all(all(report["checks"].values()) for report in reports)
 
 
 def test_trainer_trains_in_the_model_template_and_generate_prompts_with_it(gemma_checkpoint, tmp_path):
@@ -375,3 +401,22 @@ def test_train_and_generate_commands_resolve_the_same_template(gemma_checkpoint,
                  "--max-new-tokens", "2"]) == 0
     rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 2 and all(row["finish_reason"] in {"eos", "length"} for row in rows)
+
+
+def test_training_data_holds_one_row_per_turn_of_a_rewritten_conversation(tmp_path):
+    from hf_instruct_tune.data import DataSource, tokenize_source
+    from hf_instruct_tune.formatters import get_formatter
+
+    tokenizer = tokenizer_for("qwen3-think")
+    rewritten = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nyes"},
+                 {"role": "user", "content": "again"}, {"role": "assistant", "content": "no"}]
+    data = write_jsonl(tmp_path / "conv.jsonl", [{"messages": rewritten}, {"messages": CONVERSATION[1:]}])
+    encoder = ChatTemplateEncoder(tokenizer, ChatTemplate.from_tokenizer(tokenizer))
+    tokenized = tokenize_source(DataSource.open(data), get_formatter("messages"), encoder)
+    try:
+        assert tokenized.rows == 2 and len(tokenized.dataset) == 3
+        assert [sum(label != IGNORE_INDEX for label in row["labels"]) > 0 for row in tokenized.dataset] == [True] * 3
+        assert tokenized.dataset[2]["input_ids"] == encoder.encode_turns(CONVERSATION[1:])[0]
+        assert encoder.split_conversations == 1
+    finally:
+        tokenized.cleanup()

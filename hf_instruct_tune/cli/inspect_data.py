@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from ..data import DataSource, row_error
     from ..errors import InputError
     from ..formatters import FieldError, detect_formatter, get_formatter
-    from ..inspection import inspect_example, length_stats, render_tokens
+    from ..inspection import inspect_rows, length_stats, render_tokens
     from ..models import DEFAULT_MODEL, load_tokenizer, resolve_model
     from ..recipe import check_template_name, resolve_template
     from ..tokenization import ExampleError
@@ -52,18 +52,19 @@ def run(args: argparse.Namespace) -> int:
     reports, lengths, failed, dropped = [], [], 0, 0
     for location, row in source.rows():
         try:
-            report = inspect_example(encoder, format_row(row), location)
+            row_reports = inspect_rows(encoder, format_row(row), location)
         except (FieldError, ExampleError) as error:
             raise row_error(error, source.display, location) from None
-        dropped += report.dropped
-        failed += not report.ok
-        lengths.append(len(report.input_ids))
-        if args.json:
-            print(json.dumps({"location": location, "input_ids": report.input_ids, "labels": report.labels,
-                              "trained_text": report.trained_text(tokenizer), "checks": report.checks,
-                              "dropped": report.dropped}, ensure_ascii=False))
-        elif len(reports) < args.rows:
-            reports.append(report)
+        for report in row_reports:
+            dropped += report.dropped
+            failed += not report.ok
+            lengths.append(len(report.input_ids))
+            if args.json:
+                print(json.dumps({"location": report.location, "input_ids": report.input_ids, "labels": report.labels,
+                                  "trained_text": report.trained_text(tokenizer), "checks": report.checks,
+                                  "dropped": report.dropped}, ensure_ascii=False))
+            elif len(reports) < args.rows:
+                reports.append(report)
     if not lengths:
         raise InputError("the dataset is empty: it has no rows", source=source.display)
     if not args.json:
