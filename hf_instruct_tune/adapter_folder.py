@@ -65,7 +65,6 @@ def check_adapter_folder(folder: Path, *, allow_pickle: bool = False) -> None:
             raise InputError(f"the adapter's weights are only a pickle ({pickled[0]}), which can run code when "
                              "loaded; convert it to safetensors, or pass --allow-pickle if you trust its source",
                              source=str(folder))
-    _check_safetensors(folder / ADAPTER_WEIGHTS)
     for name in ("hf_instruct_tune.json", "prompt_template.jinja"):
         if (folder / name).is_file():
             read_text(folder / name)
@@ -110,6 +109,7 @@ def load_adapter(base_model, folder: Path):
     """``PeftModel.from_pretrained`` on a checked folder; load errors (mismatched shapes, ...) as one line."""
     from peft import PeftModel
 
+    _check_safetensors(folder / ADAPTER_WEIGHTS)
     try:
         return PeftModel.from_pretrained(base_model, str(folder))
     except Exception as error:

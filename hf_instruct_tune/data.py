@@ -84,19 +84,32 @@ class DataSource:
                 yield f"row {index + 1}", row
             return
         if self.path.is_dir():
-            import datasets
-
-            loaded = datasets.load_from_disk(str(self.path))
-            if isinstance(loaded, datasets.DatasetDict):
-                if "train" not in loaded:
-                    raise InputError(f"has splits {sorted(loaded)} but no 'train' split", source=self.display)
-                loaded = loaded["train"]
-            for index, row in enumerate(loaded):
-                yield f"row {index + 1}", row
+            yield from self._readable(self._saved_rows(), "saved dataset folder")
             return
         reader = {".json": self._json_rows, ".jsonl": self._jsonl_rows, ".csv": self._csv_rows,
                   ".parquet": self._parquet_rows}[self.path.suffix.lower()]
-        yield from reader()
+        yield from self._readable(reader(), "Parquet file") if self.path.suffix.lower() == ".parquet" else reader()
+
+    def _saved_rows(self) -> Iterator[tuple[str, Mapping[str, Any]]]:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(self.path))
+        if isinstance(loaded, datasets.DatasetDict):
+            if "train" not in loaded:
+                raise InputError(f"has splits {sorted(loaded)} but no 'train' split", source=self.display)
+            loaded = loaded["train"]
+        for index, row in enumerate(loaded):
+            yield f"row {index + 1}", row
+
+    def _readable(self, rows: Iterator[tuple[str, Mapping[str, Any]]], kind: str):
+        """``rows``, with a damaged file's read error (arrow, pyarrow, json, OS) as one line naming the file."""
+        try:
+            yield from rows
+        except InputError:
+            raise
+        except Exception as error:  # datasets and pyarrow raise many types for a damaged file
+            detail = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            raise InputError(f"is not a readable {kind}: {detail}", source=self.display) from None
 
     def _text_lines(self) -> Iterator[tuple[int, str]]:
         # Decoded line by line, so an encoding error names its line (a UTF-8 BOM is accepted).

@@ -50,12 +50,17 @@ class AdapterGenerator:
         self.tokenizer = load_tokenizer(adapter_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.template = _saved_template(adapter_dir, self.metadata.template.get("name", "saved"), self.tokenizer)
-        self.encoder = encoder_for(self.tokenizer, self.template)
         try:  # a template the sandbox refuses is the folder's fault, found before the model loads
+            self.template = _saved_template(adapter_dir, self.metadata.template.get("name", "saved"), self.tokenizer)
+            self.encoder = encoder_for(self.tokenizer, self.template)
             self.encoder.encode_prompt([{"role": "user", "content": "hello"}])
         except ExampleError as error:
             raise InputError(str(error), source=str(adapter_dir / TEMPLATE_FILE_NAME)) from None
+        except InputError as error:
+            if error.source:
+                raise
+            raise InputError(error.message, source=str(adapter_dir / TEMPLATE_FILE_NAME), location=error.location,
+                             field=error.field) from None
         base = model or self.metadata.base_model or _adapter_base(adapter_dir)
         if not base:
             raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
@@ -68,18 +73,21 @@ class AdapterGenerator:
 
         import torch
 
+        self.unsloth_inference = False
         if (self.metadata.training.get("backend") == "unsloth" and torch.cuda.is_available()
                 and importlib.util.find_spec("unsloth")):
             from unsloth import FastLanguageModel
 
             FastLanguageModel.for_inference(self.model)
+            self.unsloth_inference = True
 
     def generate(self, conversations: Sequence[Sequence[Mapping]], *, max_new_tokens: int = 256,
                  batch_size: int = 8, prefix_sharing: bool = True) -> list[Generation]:
         """Generate one response per conversation (the messages before the assistant's answer).
 
         With ``prefix_sharing``, the token prefix that the prompts of a batch share (a preamble, a system
-        prompt) is run through the model once, and its KV cache serves every row of the batch.
+        prompt) is run through the model once, and its KV cache serves every row of the batch (not with
+        Unsloth's fast inference, which keeps its own cache).
         """
         import torch
         from transformers import StoppingCriteriaList
@@ -92,7 +100,7 @@ class AdapterGenerator:
         device = self.model.device
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            shared = shared_prompt_length(chunk) if prefix_sharing else 0
+            shared = shared_prompt_length(chunk) if prefix_sharing and not self.unsloth_inference else 0
             prefix, rests = chunk[0][:shared], [ids[shared:] for ids in chunk]
             width = max(map(len, rests))
             pad = self.tokenizer.pad_token_id

@@ -100,10 +100,7 @@ def _tokenizer_bos(folder: Path) -> str | None:
     config = folder / "tokenizer_config.json"
     if not config.is_file():
         return None
-    try:
-        bos = json.loads(config.read_text(encoding="utf-8")).get("bos_token")
-    except (json.JSONDecodeError, OSError):
-        return None
+    bos = _tokenizer_config(config).get("bos_token")
     return bos.get("content") if isinstance(bos, dict) else bos
 
 
@@ -211,12 +208,19 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, license: str 
     return ModelCard(text)
 
 
+def _tokenizer_config(path: Path) -> dict:
+    """The tokenizer config as a dict; empty when it is missing, too large or not a JSON object."""
+    from ..adapter_folder import MAX_TOKENIZER_FILE, read_json_object
+
+    try:
+        return read_json_object(path, MAX_TOKENIZER_FILE)
+    except InputError:
+        return {}
+
+
 def _special_token(folder: Path, key: str) -> str | None:
     config = folder / "tokenizer_config.json"
-    try:
-        value = json.loads(config.read_text(encoding="utf-8")).get(key) if config.is_file() else None
-    except (json.JSONDecodeError, OSError):
-        return None
+    value = _tokenizer_config(config).get(key) if config.is_file() else None
     return value.get("content") if isinstance(value, dict) else value
 
 
