@@ -107,7 +107,7 @@ class AdapterGenerator:
             input_ids = torch.tensor([prefix + [pad] * (width - len(ids)) + ids for ids in rests], device=device)
             attention = torch.tensor([[1] * shared + [0] * (width - len(ids)) + [1] * len(ids) for ids in rests],
                                      device=device)
-            extra = {"past_key_values": self._prefix_cache(prefix, len(chunk))} if shared else {}
+            extra = {_cache_keyword(): self._prefix_cache(prefix, len(chunk))} if shared else {}
             extra["stopping_criteria"] = StoppingCriteriaList([GenerationProgress(
                 batch=start // batch_size + 1, batches=-(-len(prompts) // batch_size), prompt_width=shared + width,
                 max_new_tokens=max_new_tokens)])
@@ -127,7 +127,8 @@ class AdapterGenerator:
         import torch
 
         with torch.no_grad():
-            cache = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True).past_key_values
+            output = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True)
+        cache = output["cache"] if _cache_keyword() == "cache" else output.past_key_values
         cache.batch_repeat_interleave(rows)
         return cache
 
@@ -145,6 +146,13 @@ def _saved_template(adapter_dir: Path, name: str, tokenizer) -> PromptTemplate |
                                         origin=str(template_file))
     template = PromptTemplate.from_file(template_file)
     return PromptTemplate.from_source(template.source, name=name, origin=str(template_file))
+
+
+def _cache_keyword() -> str:
+    """What ``generate`` calls a KV cache: ``cache`` (transformers 5.24+) or ``past_key_values``."""
+    from transformers.generation import utils
+
+    return "cache" if "cache" in getattr(utils, "ALL_CACHE_NAMES", ()) else "past_key_values"
 
 
 MIN_SHARED_PROMPT = 16
