@@ -164,9 +164,11 @@ def changed_options(config: TrainConfig) -> dict[str, Any]:
 
 def _coerce(item: dataclasses.Field, value: Any) -> Any:
     """Check ``value`` against the field's type, converting strings from the command line."""
-    if value is None:
-        return None
     kind = _base_type(item.type)
+    if value is None:
+        if "None" in str(item.type):
+            return None
+        value = "null"  # as the YAML said; reported below as the wrong type
     choices = item.metadata.get("choices")
     try:
         if kind is bool:

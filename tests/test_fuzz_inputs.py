@@ -51,6 +51,9 @@ rows = st.one_of(
     st.dictionaries(texts, values, max_size=3),
 )
 flat_rows = st.fixed_dictionaries({"instruction": texts, "output": texts}, optional={"input": texts})
+words = st.text(alphabet="abcdefghij 中é", min_size=1, max_size=20).filter(str.strip)
+good_rows = st.fixed_dictionaries({"instruction": words, "output": words}, optional={"input": texts})
+mostly_good = st.one_of(good_rows, good_rows, rows)  # so that accepted files are tried too
 encodings = st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "latin-1"])
 
 
@@ -75,10 +78,11 @@ def data_files(draw):
     kind = draw(st.sampled_from(["jsonl", "json", "csv"]))
     encoding = draw(encodings)
     if kind == "jsonl":
-        lines = draw(st.lists(st.one_of(rows.map(json.dumps), texts), min_size=0, max_size=5))
+        lines = draw(st.lists(st.one_of(mostly_good.map(json.dumps), mostly_good.map(json.dumps), texts),
+                              min_size=0, max_size=5))
         text = "\n".join(lines) + draw(st.sampled_from(["", "\n", "\r\n"]))
     elif kind == "json":
-        body = draw(st.one_of(st.lists(rows, max_size=5), rows, values))
+        body = draw(st.one_of(st.lists(mostly_good, max_size=5), st.lists(mostly_good, max_size=5), rows, values))
         text = json.dumps(body)
         if draw(st.booleans()) and isinstance(body, list):
             text = json.dumps({"data": body})
@@ -89,7 +93,8 @@ def data_files(draw):
         writer = csv.writer(buffer)
         writer.writerow(header)
         for _ in range(draw(st.integers(0, 4))):
-            writer.writerow(draw(st.lists(texts, min_size=0, max_size=len(header) + 1)))
+            writer.writerow(draw(st.one_of(st.lists(words, min_size=len(header), max_size=len(header)),
+                                           st.lists(texts, min_size=0, max_size=len(header) + 1))))
         text = buffer.getvalue()
     return kind, _damage(_encode(text, encoding), draw)
 
@@ -104,9 +109,13 @@ def tiny(tmp_path_factory) -> Path:
 
 
 def _run(argv: list[str]) -> tuple[int, str]:
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+    """Exit code and stderr of ``main(argv)``; ``inspect``'s report of rows that fail a check counts as stderr."""
+    err, out = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
         code = main(argv)
+    if code == 1 and argv[0] == "inspect":
+        assert "fail a check" in out.getvalue(), out.getvalue()[-2000:]
+        return 0, err.getvalue()  # the data was read and checked: rows flagged, as inspect is meant to
     return code, err.getvalue()
 
 
@@ -142,7 +151,7 @@ def test_fuzzed_text_data_files(tiny, tmp_path_factory, case):
 
 
 @FUZZ
-@given(table=st.lists(flat_rows, min_size=0, max_size=4), kind=st.sampled_from(["parquet", "saved"]),
+@given(table=st.lists(st.one_of(good_rows.map(lambda row: {"input": "", **row}), flat_rows), min_size=0, max_size=4), kind=st.sampled_from(["parquet", "saved"]),
        damage=st.sampled_from(["none", "truncate", "remove", "garble"]), seed=st.integers(0, 2**16))
 def test_fuzzed_binary_data_files(tiny, tmp_path_factory, table, kind, damage, seed):
     from datasets import Dataset
