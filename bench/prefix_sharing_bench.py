@@ -67,6 +67,54 @@ def child_train(flags: list[str], report: Path) -> None:
         "computed_tokens": stats.computed_tokens}), encoding="utf-8")
 
 
+def child_interleaved(reps: int, report: Path) -> None:
+    """In this process: forward + backward of one optimizer step's rows (the 10 seed rows), as 4-row padded
+    micro-batches and as one shared-prefix micro-batch, alternating, so that both see the same machine load."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from hf_instruct_tune.collator import pad_examples
+    from hf_instruct_tune.config import LORA_TARGETS
+    from hf_instruct_tune.formatters import get_formatter
+    from hf_instruct_tune.models import DEFAULT_MODEL, load_base_model, load_tokenizer, resolve_model
+    from hf_instruct_tune.prefix_sharing import share_prefixes, shared_prefix_loss
+    from hf_instruct_tune.templating import get_template
+    from hf_instruct_tune.tokenization import IGNORE_INDEX, ExampleEncoder
+
+    spec = resolve_model(DEFAULT_MODEL)
+    tokenizer = load_tokenizer(spec)
+    encoder = ExampleEncoder(tokenizer, get_template("alpaca-zh"))
+    rows = [encoder.encode(get_formatter("alpaca")(row)).as_dict()
+            for row in json.loads(DATA.read_text(encoding="utf-8"))]
+    items = sum(sum(label != IGNORE_INDEX for label in row["labels"][1:]) for row in rows)
+    model = get_peft_model(load_base_model(spec), LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS,
+                                                             use_rslora=True)).train()
+
+    def padded() -> float:
+        total = 0.0
+        for start in range(0, len(rows), 4):
+            loss = model(**pad_examples(rows[start:start + 4], pad_token_id=tokenizer.pad_token_id),
+                         num_items_in_batch=items).loss
+            loss.backward()
+            total += loss.item()
+        return total
+
+    def shared() -> float:
+        loss, _ = shared_prefix_loss(model, share_prefixes(rows), num_items_in_batch=items)
+        loss.backward()
+        return loss.item()
+
+    times: dict[str, list[float]] = {"padded": [], "shared": []}
+    losses: dict[str, float] = {}
+    for _ in range(reps):
+        for name, step in (("padded", padded), ("shared", shared)):
+            model.zero_grad()
+            start = time.perf_counter()
+            losses[name] = step()
+            times[name].append(time.perf_counter() - start)
+    report.write_text(json.dumps({"times": times, "losses": losses}), encoding="utf-8")
+
+
 def run_child(flags: list[str], workdir: Path, name: str) -> dict:
     report = workdir / f"{name}.json"
     start = time.perf_counter()
@@ -117,10 +165,15 @@ def main() -> int:
     parser.add_argument("--markdown", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--child-generate", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-interleaved", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--interleaved", type=int, default=5, help="alternating forward+backward repetitions")
     parser.add_argument("--report", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child is not None:
         child_train(json.loads(args.child), args.report)
+        return 0
+    if args.child_interleaved is not None:
+        child_interleaved(args.child_interleaved, args.report)
         return 0
     if args.child_generate is not None:
         child_generate(args.child_generate, args.report)
@@ -133,6 +186,10 @@ def main() -> int:
         plain = run_child([*common, "--no-prefix-sharing", "--output-dir", str(workdir / "plain")], workdir, "plain")
         shared = run_child([*common, "--output-dir", str(workdir / "shared")], workdir, "shared")
         relative = [abs(a - b) / abs(b) for a, b in zip(shared["losses"], plain["losses"])]
+        report = workdir / "interleaved.json"
+        subprocess.run([sys.executable, __file__, "--child-interleaved", str(args.interleaved), "--report",
+                        str(report)], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        interleaved = json.loads(report.read_text(encoding="utf-8"))
         rates = generation_rates(workdir / "shared", workdir)
         gen_shared, gen_plain = rates["shared"], rates["plain"]
     load_after = os.getloadavg()[0]
@@ -154,6 +211,18 @@ def main() -> int:
     speedup = sum(plain["step_s"]) / sum(shared["step_s"])
     lines += ["", f"Step time: **{speedup:.2f}x** faster with sharing. Loss at every one of the {len(relative)} "
               f"steps: largest relative difference **{max(relative):.1e}** (first step {relative[0]:.1e}).", ""]
+    t = interleaved["times"]
+    ratio = median(t["padded"]) / median(t["shared"])
+    lines += [
+        f"Interleaved, one process: forward + backward of one step's rows (the 10 seed rows), {args.interleaved} times "
+        "each way, alternating, so both see the same load:", "",
+        "| layout | median | min | loss |", "|---|---|---|---|",
+        f"| 4-row padded micro-batches (4 + 4 + 2) | {median(t['padded']):.2f} s | {min(t['padded']):.2f} s | "
+        f"{interleaved['losses']['padded']:.6f} |",
+        f"| one shared-prefix micro-batch | {median(t['shared']):.2f} s | {min(t['shared']):.2f} s | "
+        f"{interleaved['losses']['shared']:.6f} |", "",
+        f"**{ratio:.2f}x** faster (medians).", "",
+    ]
     same = sum(a == b for a, b in zip(gen_shared["answers"], gen_plain["answers"]))
     lines += [
         "| `generate --data` (10 rows, batches of 8, 16 new tokens, greedy) | rows/s | seconds (model "
