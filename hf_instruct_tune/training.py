@@ -98,6 +98,8 @@ def _run_training(config: TrainConfig) -> TrainResult:
         for partial in remove_incomplete_checkpoints(output_dir):
             logger.warning("Removed %s: a checkpoint left half-written by an earlier run", partial)
         logger.info("Resuming from %s", checkpoint)
+    elif config.overwrite and (output_dir / CHECKPOINTS_DIR).is_dir() and trainer.is_world_process_zero():
+        shutil.rmtree(output_dir / CHECKPOINTS_DIR)  # the replaced run's, which --resume must not mistake for ours
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException as error:

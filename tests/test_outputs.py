@@ -67,6 +67,9 @@ def test_overwrite_replaces_only_what_a_run_wrote(tiny_model, tmp_path):
     assert (out / "notes.txt").read_text() == "my notes"
     assert (out / "answers" / "training_answers.jsonl").read_text() == '{"answer": "yes"}\n'
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".adapter")]
+    # the replaced run's checkpoints are gone, so --resume cannot continue the wrong run
+    assert _train(tiny_model, tmp_path, out, "--overwrite", "--max-steps", "1") == 0
+    assert sorted(path.name for path in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
 
 
 def test_every_file_a_run_writes_is_readable(tiny_model, tmp_path):
