@@ -22,3 +22,17 @@ def _isolated_hf_home(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_TOKEN_PATH", os.path.join(hf_home, "token"))
     monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", os.path.join(hf_home, "stored_tokens"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(autouse=True)
+def _restored_logging_and_warnings():
+    """A CLI run in-process (as rank 1, or with --verbose) changes logger levels and warning filters; undo it."""
+    import logging
+    import warnings
+
+    names = ("hf_instruct_tune", "httpx", "httpcore", "httpx2", "urllib3")
+    levels = {name: logging.getLogger(name).level for name in names}
+    with warnings.catch_warnings():
+        yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
