@@ -14,6 +14,9 @@ THIRD_PARTY_WARNINGS = [
     # PEFT looks up the base model's config online to decide whether embeddings changed; LoRA never changes them.
     (r"Could not find a config file in .* - will assume that the vocabulary was not modified", UserWarning,
      r"peft\.utils\.save_and_load"),
+    # The same lookup without a network (a machine offline, HF_HUB_OFFLINE unset).
+    (r"Unable to fetch remote file due to the following error .* lookup for the file config\.json in ", UserWarning,
+     r"peft\.utils\.other"),
 ]
 
 

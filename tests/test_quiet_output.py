@@ -74,6 +74,19 @@ def test_the_filters_are_precise():
                                                 "something else is deprecated"]
 
 
+def test_an_offline_base_model_lookup_on_save_is_not_shown():
+    from hf_instruct_tune.quiet import filter_third_party_warnings
+
+    filter_third_party_warnings()
+    offline = ("Unable to fetch remote file due to the following error [Errno -2] Name or service not known - "
+               "silently ignoring the lookup for the file config.json in HuggingFaceTB/SmolLM2-135M-Instruct.")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit(offline, UserWarning, "other.py", 1, module="peft.utils.other")
+        warnings.warn_explicit(offline.replace("config.json", "adapter_config.json"), UserWarning, "other.py", 1,
+                               module="peft.utils.other")  # another file: shown
+    assert [str(w.message) for w in caught] == [offline.replace("config.json", "adapter_config.json")]
+
+
 def test_http_request_logs_only_with_verbose(hub_server, tmp_path, caplog):
     from test_card import make_adapter_dir
 
