@@ -23,10 +23,13 @@ class Throughput(TrainerCallback):
         self.stamps: list[tuple[float, int]] = []
 
     def count(self, inputs) -> None:
-        """Add the real tokens of one micro-batch (attention mask ones, or every token of a packed row)."""
+        """Add the real tokens of one micro-batch: the tokens its rows hold (a prefix-shared batch computes fewer),
+        the attention mask's ones, or every token of a packed row."""
         mask = inputs.get("attention_mask")
         ids = inputs.get("input_ids")
-        if mask is not None and mask.dim() == 2:
+        if "row_tokens" in inputs:
+            self.tokens += int(inputs["row_tokens"])
+        elif mask is not None and mask.dim() == 2:
             self.tokens += int(mask.sum())
         elif ids is not None:
             self.tokens += ids.numel()
