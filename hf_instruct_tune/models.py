@@ -70,10 +70,20 @@ def load_tokenizer(spec: ModelSpec, *, trust_remote_code: bool = False):
     """Load the tokenizer, with a pad token set (the EOS token when the checkpoint has none)."""
     from transformers import AutoTokenizer
 
+    from . import gguf_cache
+
     _announce_remote_code(trust_remote_code)
+    gguf_path = Path(spec.load_path) / spec.gguf_file if spec.gguf_file else None
+    converted = gguf_cache.cached(gguf_path, "tokenizer") if gguf_path else None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(spec.load_path, gguf_file=spec.gguf_file,
-                                                  trust_remote_code=trust_remote_code)
+        if converted is not None:
+            tokenizer = AutoTokenizer.from_pretrained(converted, trust_remote_code=trust_remote_code)
+            tokenizer.name_or_path = spec.load_path
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(spec.load_path, gguf_file=spec.gguf_file,
+                                                      trust_remote_code=trust_remote_code)
+            if gguf_path is not None:
+                gguf_cache.store(gguf_path, "tokenizer", tokenizer)
     except OSError as error:
         raise InputError(f"cannot load a tokenizer: {_first_line(error)}", source=spec.load_path) from None
     if tokenizer.pad_token is None:
@@ -103,12 +113,23 @@ def load_base_model(spec: ModelSpec, *, dtype: str = "auto", attn_implementation
         kwargs["dtype"] = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
     else:
         kwargs["dtype"] = getattr(torch, dtype)
+    from . import gguf_cache
+
+    gguf_path = Path(spec.load_path) / spec.gguf_file if spec.gguf_file else None
+    converted = gguf_cache.cached(gguf_path, "model", str(kwargs["dtype"])) if gguf_path else None
     try:
-        model = AutoModelForCausalLM.from_pretrained(spec.load_path, **kwargs)
+        if converted is not None:
+            kwargs.pop("gguf_file")
+            model = AutoModelForCausalLM.from_pretrained(converted, use_safetensors=True, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(spec.load_path, **kwargs)
     except OSError as error:
         raise InputError(f"cannot load the model: {_first_line(error)}", source=spec.load_path) from None
-    if spec.gguf_file:
+    if gguf_path is not None and converted is None:
         _forget_gguf_quantization(model)
+        gguf_cache.store(gguf_path, "model", model, str(kwargs["dtype"]))
+    if converted is not None and not spec.base_model_id:
+        name_base_model(model, spec.load_path)  # the GGUF's folder, as when converted on load
     if spec.base_model_id:
         name_base_model(model, spec.base_model_id)
     return model

@@ -13,6 +13,7 @@ def _isolated_hf_home(tmp_path, monkeypatch):
     hf_home = str(tmp_path / "hf_home")
     monkeypatch.setenv("HF_HOME", hf_home)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_INSTRUCT_TUNE_GGUF_CACHE", "0")  # no 0.5 GB cache entry per test; tests/test_gguf_cache.py opts in
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
     # huggingface_hub reads these at import time: patch the module too, so the running process follows.
