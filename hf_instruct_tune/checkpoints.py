@@ -117,20 +117,3 @@ class SaveOnInterrupt(TrainerCallback):
 
 class DiskFullError(InstructTuneError):
     exit_code = 1
-
-
-def replace_directory(staged: Path, target: Path) -> None:
-    """Move ``staged`` to ``target`` by renames, so ``target`` is never a half-written folder.
-
-    An existing ``target`` is renamed aside first and removed only once ``staged`` is in its place.
-    """
-    aside = target.with_name(f".{target.name}.old-{os.getpid()}")
-    if target.exists():
-        os.rename(target, aside)
-    try:
-        os.rename(staged, target)
-    except BaseException:
-        if aside.exists() and not target.exists():
-            os.rename(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)

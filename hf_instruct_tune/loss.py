@@ -89,10 +89,16 @@ def predictions_cross_entropy(
         h, y = h[supervised], y[supervised]
     use_cce = implementation == "cce" or (implementation == "auto" and bias is None and cce_available(h.device))
     total = _cce_sum(h, weight, y, softcap) if use_cce else _chunked_sum(h, weight, bias, y, softcap, chunk_size)
+    return normalized_loss(total, y, num_items_in_batch, num_processes)
+
+
+def normalized_loss(total: torch.Tensor, targets: torch.Tensor, num_items_in_batch: int | torch.Tensor | None = None,
+                    num_processes: int = 1) -> torch.Tensor:
+    """A summed token loss divided like transformers': by ``num_items_in_batch`` (the step's supervised tokens,
+    times ``num_processes``) when given, else by the supervised tokens of ``targets``."""
     if num_items_in_batch is None:
-        return total / (y != IGNORE_INDEX).sum().clamp(min=1)
-    loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1)
-    return loss * num_processes
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    return total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1) * num_processes
 
 
 def _cce_sum(h, weight, y, softcap):

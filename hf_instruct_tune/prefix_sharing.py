@@ -188,7 +188,7 @@ def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, 
     """
     import torch.nn.functional as F
 
-    from .loss import predictions_cross_entropy
+    from .loss import normalized_loss, predictions_cross_entropy
 
     positions = inputs.pop("loss_positions")[0]
     targets = inputs.pop("labels")[0]
@@ -206,10 +206,7 @@ def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, 
                                          num_items_in_batch=num_items_in_batch, num_processes=num_processes)
     else:
         total = F.cross_entropy(chosen.float(), targets.to(chosen.device), ignore_index=IGNORE_INDEX, reduction="sum")
-        if num_items_in_batch is None:
-            loss = total / (targets != IGNORE_INDEX).sum().clamp(min=1)
-        else:
-            loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1) * num_processes
+        loss = normalized_loss(total, targets, num_items_in_batch, num_processes)
     if stats is not None and model.training and rows:
         stats.batches += 1
         stats.row_tokens += row_tokens

