@@ -199,8 +199,10 @@ def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, 
     inputs["attention_mask"] = attention_mask_for(inputs["attention_mask"],
                                                   getattr(config, "_attn_implementation", None), dtype)
     inputs["use_cache"] = False
+    # the head runs only at the supervised positions: a row's other tokens need no logits
+    inputs["logits_to_keep"] = positions.to(inputs["input_ids"].device)
     outputs = model(**inputs)
-    chosen = outputs.logits[0, positions.to(outputs.logits.device)]
+    chosen = outputs.logits[0]
     if head is not None:
         loss = predictions_cross_entropy(chosen, head.weight, targets, bias=head.bias, softcap=softcap,
                                          num_items_in_batch=num_items_in_batch, num_processes=num_processes)
