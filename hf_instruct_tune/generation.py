@@ -65,7 +65,7 @@ class AdapterGenerator:
         if not base:
             raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
         base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
-        self.model = load_adapter(base_model, adapter_dir).eval()
+        self.model = load_adapter(base_model, adapter_dir).to(_generation_device()).eval()
         self._use_unsloth_inference()
 
     def _use_unsloth_inference(self) -> None:
@@ -146,6 +146,13 @@ def _saved_template(adapter_dir: Path, name: str, tokenizer) -> PromptTemplate |
                                         origin=str(template_file))
     template = PromptTemplate.from_file(template_file)
     return PromptTemplate.from_source(template.source, name=name, origin=str(template_file))
+
+
+def _generation_device() -> str:
+    """The first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _cache_keyword() -> str:
