@@ -86,6 +86,9 @@ class TrainConfig:
         "stay the same), layers checkpointed, loss kernel, embeddings' place; logged in one line. On with a CUDA "
         "GPU or --max-memory; --no-memory-plan runs --batch-size, --grad-accum and --gradient-checkpointing as "
         "given."))
+    compile_layers: bool = field(default=False, metadata=_help(
+        "Compile each decoder layer with torch.compile (regional compilation): the same loss, fewer kernels; "
+        "the first steps take longer. transformers backend only."))
     max_memory: float | None = field(default=None, metadata=_help(
         "Peak memory budget per GPU in GiB for the memory plan (default: the GPU's free memory)."))
     seed: int = field(default=3407, metadata=_help("Random seed."))

@@ -22,6 +22,7 @@ from .prefix_sharing import (MASK_ATTENTIONS, SharingStats, attention_tokens_for
 from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
 from .language import guess_language
+from .layer_compilation import compile_decoder_layers
 from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
@@ -77,6 +78,9 @@ class InstructTrainer(SFTTrainer):
             when the model's attention takes an explicit mask (``sdpa``, ``eager``), for the
             micro-batches where it costs clearly less. On CPU it also merges the micro-batches of a step into one
             when they fit 16k tokens (same rows per step, same loss). The log says how many tokens it saved.
+        compile_layers: compile each decoder layer with ``torch.compile`` (regional compilation,
+            :mod:`hf_instruct_tune.layer_compilation`): the same loss, fewer kernels per step once the first
+            steps have compiled them. Default: off.
 
     A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
     no template, no length check): labels are -100 where no loss is taken and hold the stop token.
@@ -122,6 +126,7 @@ class InstructTrainer(SFTTrainer):
         max_memory: float | None = None,
         gradient_checkpointing: bool | None = None,
         offload_embeddings: bool | None = None,
+        compile_layers: bool = False,
         **kwargs: Any,
     ):
         if train_dataset is None:
@@ -184,6 +189,9 @@ class InstructTrainer(SFTTrainer):
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
         if self.memory_plan is not None:
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
+        self.compile_layers = compile_layers
+        if compile_layers:
+            compile_decoder_layers(self.model)
         self.throughput = Throughput()
         self.tokens_per_second: float | None = None
         self.peak_memory_gib: list[float] | None = None

@@ -180,6 +180,9 @@ def _load_model(config: TrainConfig, spec, backend: str):
                          field="fused_loss")
     if backend == "unsloth" and config.offload_embeddings:
         raise InputError("--offload-embeddings works with --backend transformers only", field="offload_embeddings")
+    if backend == "unsloth" and config.compile_layers:
+        raise InputError("--compile-layers works with --backend transformers only (Unsloth patches the layers "
+                         "with its own kernels)", field="compile_layers")
     attn_implementation = _attn_implementation(config)
     if attn_implementation:
         logger.info("Attention: %s", attn_implementation)
@@ -286,6 +289,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         memory_plan=planned, max_memory=config.max_memory,
         gradient_checkpointing=config.gradient_checkpointing if planned else None,
         offload_embeddings=(False if fsdp_launched() else config.offload_embeddings) if planned else None,
+        compile_layers=config.compile_layers,
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
