@@ -89,6 +89,10 @@ class TrainConfig:
     compile_layers: bool = field(default=False, metadata=_help(
         "Compile each decoder layer with torch.compile (regional compilation): the same loss, fewer kernels; "
         "the first steps take longer. transformers backend only."))
+    balance_ranks: bool = field(default=True, metadata=_help(
+        "With several processes, share each step's rows out between them by work (tokens and attention), so none "
+        "waits for a busier one: the same rows per step, the same loss. --no-balance-ranks deals them out in order, "
+        "to repeat a run made that way exactly."))
     max_memory: float | None = field(default=None, metadata=_help(
         "Peak memory budget per GPU in GiB for the memory plan (default: the GPU's free memory)."))
     seed: int = field(default=3407, metadata=_help("Random seed."))

@@ -78,6 +78,13 @@ class InstructTrainer(SFTTrainer):
             when the model's attention takes an explicit mask (``sdpa``, ``eager``), for the
             micro-batches where it costs clearly less. On CPU it also merges the micro-batches of a step into one
             when they fit 16k tokens (same rows per step, same loss). The log says how many tokens it saved.
+        balance_ranks: with several processes (DDP, FSDP), share each optimizer step's rows out between the
+            processes and their micro-batches by work (tokens, plus attention's quadratic part) rather than in
+            order, so that no process waits for a busier one (:mod:`hf_instruct_tune.rank_balance`). Each step
+            trains the same rows and the loss is the same (it is normalized by the step's supervised tokens on
+            all processes). On by default; False deals the rows out as transformers does, for repeating a run
+            made that way exactly (with LoRA dropout, each process draws its own masks). The log says how even
+            the work is, with and without.
         compile_layers: compile each decoder layer with ``torch.compile`` (regional compilation,
             :mod:`hf_instruct_tune.layer_compilation`): the same loss, fewer kernels per step once the first
             steps have compiled them. Default: off.
@@ -126,6 +133,7 @@ class InstructTrainer(SFTTrainer):
         max_memory: float | None = None,
         gradient_checkpointing: bool | None = None,
         offload_embeddings: bool | None = None,
+        balance_ranks: bool = True,
         compile_layers: bool = False,
         **kwargs: Any,
     ):
@@ -161,6 +169,8 @@ class InstructTrainer(SFTTrainer):
         args.padding_free = False
         args.dataset_kwargs = {**(args.dataset_kwargs or {}), "skip_prepare_dataset": True}
         self.prefix_sharing = _prefix_sharing_wanted(prefix_sharing, model)
+        self.balance_ranks = balance_ranks
+        self.rank_balance: Any = None  # the BalancedBatchSampler while training with several processes
         self.sharing_stats = SharingStats()
         if self.prefix_sharing:
             _merge_cpu_micro_batches(args, self.train_data.dataset)
@@ -259,6 +269,18 @@ class InstructTrainer(SFTTrainer):
         if self.tokens_per_second and self.is_world_process_zero():
             logger.info("Throughput: %s real tokens/s%s (after the first steps)", f"{self.tokens_per_second:,.0f}",
                         f" over {len(rates)} processes" if len(rates) > 1 else "")
+
+    def get_train_dataloader(self):
+        """The Trainer's loader; with several processes and ``balance_ranks``, each step's rows shared out by work."""
+        loader = super().get_train_dataloader()
+        if self.balance_ranks and self.args.world_size > 1 and self.args.average_tokens_across_devices:
+            from .rank_balance import balance_loader
+
+            self.rank_balance = balance_loader(
+                loader, [len(ids) for ids in self.train_dataset["input_ids"]],
+                attention_tokens=attention_tokens_for(self.model), batch_size=self._train_batch_size,
+                grad_accum=self.args.gradient_accumulation_steps, report=self.is_world_process_zero())
+        return loader
 
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation batches are laid out as usual (TRL's metrics read their logits row by row)."""
@@ -425,7 +447,7 @@ class InstructTrainer(SFTTrainer):
             "warmup_steps": args.warmup_steps, "weight_decay": args.weight_decay, "optimizer": str(
                 getattr(args.optim, "value", args.optim)), "packing": self.packing,
             "train_on_prompt": self.encoder.train_on_prompt, "overlong": self.encoder.overlong,
-            "prefix_sharing": self.prefix_sharing,
+            "prefix_sharing": self.prefix_sharing, "balance_ranks": self.rank_balance is not None,
         }
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]

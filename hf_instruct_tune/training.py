@@ -289,6 +289,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         memory_plan=planned, max_memory=config.max_memory,
         gradient_checkpointing=config.gradient_checkpointing if planned else None,
         offload_embeddings=(False if fsdp_launched() else config.offload_embeddings) if planned else None,
+        balance_ranks=config.balance_ranks,
         compile_layers=config.compile_layers,
     )
     trainer.run_metadata.base_model_source = spec.source
