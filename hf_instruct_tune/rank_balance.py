@@ -18,6 +18,7 @@ divides each step's summed token losses by the supervised tokens of all its micr
 
 from __future__ import annotations
 
+import copy
 import heapq
 import logging
 from collections.abc import Iterator, Sequence
@@ -87,7 +88,7 @@ class BalancedBatchSampler:
         num_processes: data-parallel processes.
         drop_last: drop the rows that do not fill ``batch_size`` rows on every process, as the
             Trainer's ``dataloader_drop_last`` does.
-        report: log the first epoch's :class:`Balance` once.
+        report: log the first epoch's :class:`Balance` once (see :meth:`report_ahead`).
 
     Each full step gives every process ``grad_accum`` micro-batches of ``batch_size`` rows. A last, smaller step
     keeps every row once: its micro-batches per process are as few as hold them (all of a step's rows on a
@@ -110,7 +111,6 @@ class BalancedBatchSampler:
         self.num_processes = num_processes
         self.drop_last = drop_last
         self.report = report
-        self.balance: Balance | None = None
 
     @property
     def step_rows(self) -> int:
@@ -126,15 +126,26 @@ class BalancedBatchSampler:
         return full * self.grad_accum * self.num_processes + self._tail_batches(tail)
 
     def __iter__(self) -> Iterator[list[int]]:
-        order = list(self.sampler)
-        steps = [order[start:start + self.step_rows] for start in range(0, len(order), self.step_rows)]
-        plans = [self.plan_step(rows) for rows in steps]
-        if self.balance is None:
-            self.balance = self._measure(steps, plans)
-            if self.report and self.num_processes > 1:
-                logger.info(self.balance.describe())
+        steps, plans = self.plan_epoch(list(self.sampler))
+        if self.report:
+            self.report = False
+            logger.info(self.measure(steps, plans).describe())
         for plan in plans:
             yield from plan
+
+    def report_ahead(self) -> None:
+        """Log the coming epoch's balance now, before training starts, when the sampler is accelerate's seeded one
+        (it reseeds on every pass, so a copy gives the same order); else it is logged when the epoch starts."""
+        from accelerate.data_loader import SeedableRandomSampler
+
+        if self.report and isinstance(self.sampler, SeedableRandomSampler):
+            self.report = False
+            logger.info(self.measure(*self.plan_epoch(list(copy.copy(self.sampler)))).describe())
+
+    def plan_epoch(self, order: list[int]) -> tuple[list[list[int]], list[list[list[int]]]]:
+        """The rows of each step of ``order`` and each step's batches (:meth:`plan_step`)."""
+        steps = [order[start:start + self.step_rows] for start in range(0, len(order), self.step_rows)]
+        return steps, [self.plan_step(rows) for rows in steps]
 
     def plan_step(self, rows: Sequence[int]) -> list[list[int]]:
         """One step's batches in the order accelerate deals them: micro-batch 0 of every process, then 1, ..."""
@@ -169,7 +180,8 @@ class BalancedBatchSampler:
             return rows
         return self._micro_batches(rows) * self.num_processes
 
-    def _measure(self, steps: list[list[int]], plans: list[list[list[int]]]) -> Balance:
+    def measure(self, steps: list[list[int]], plans: list[list[list[int]]]) -> Balance:
+        """How even the work of ``plans`` is, against the same ``steps`` dealt out in order."""
         n, b = self.num_processes, self.rows_per_batch
         busiest = busiest_in_order = total = 0.0
         for rows, plan in zip(steps, plans):
@@ -213,4 +225,5 @@ def balance_loader(loader: Any, lengths: Sequence[int], *, attention_tokens: int
                                     drop_last=inner.drop_last, report=report)
     shard.batch_sampler = balanced
     shard.batch_size = None
+    balanced.report_ahead()
     return balanced

@@ -120,16 +120,33 @@ def test_every_process_plans_the_same_batches():
     assert list(one) != epoch_one  # each epoch reshuffles, as the Trainer's sampler does
 
 
+def _balance(batches: BalancedBatchSampler):
+    return batches.measure(*batches.plan_epoch(list(batches.sampler)))
+
+
 def test_work_is_more_even_than_dealt_out_in_order():
     """On long-tailed lengths the busiest process's work per step is within a few percent of the mean."""
-    batches = _balanced(512, batch_size=16, grad_accum=1, processes=2)
-    list(batches)
-    assert batches.balance.in_order > 1.08
-    assert batches.balance.balanced < 1.01
-    assert "the busiest does 1.00x the mean work (1.1" in batches.balance.describe()
-    skewed = _balanced(203, batch_size=4, grad_accum=2, processes=4)
-    list(skewed)
-    assert skewed.balance.balanced < skewed.balance.in_order - 0.1
+    balance = _balance(_balanced(512, batch_size=16, grad_accum=1, processes=2))
+    assert balance.in_order > 1.08
+    assert balance.balanced < 1.01
+    assert "the busiest does 1.00x the mean work (1.1" in balance.describe()
+    skewed = _balance(_balanced(203, batch_size=4, grad_accum=2, processes=4))
+    assert skewed.balanced < skewed.in_order - 0.1
+
+
+def test_the_balance_is_logged_once_before_the_first_epoch(caplog):
+    caplog.set_level("INFO", logger="hf_instruct_tune.rank_balance")
+    batches = _balanced(64, batch_size=4, grad_accum=2, processes=2)
+    batches.report = True
+    batches.sampler.set_epoch(0)
+    expected = list(batches)
+    batches.report = True
+    caplog.clear()
+    batches.sampler.set_epoch(0)
+    batches.report_ahead()
+    assert [r.getMessage()[:13] for r in caplog.records] == ["Rank balance:"]
+    assert list(batches) == expected  # looking ahead drew nothing from the sampler
+    assert len(caplog.records) == 1
 
 
 def test_balance_loader_replaces_only_a_sharded_plain_batch_sampler():
