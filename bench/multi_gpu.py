@@ -2,6 +2,8 @@
 
 usage (see bench/run_multi_gpu_bench.sh):
   python bench/multi_gpu.py adapters MODEL_DIR OUT        # every OUT/adapter_* -> JSON on stdout (GPU)
+  accelerate launch --config_file examples/accelerate_fsdp.yaml bench/multi_gpu.py sharded-logits MODEL_DIR ADAPTER
+      # the saved adapter's logits on one GPU against the same weights sharded with FSDP2 -> RESULT line
   python bench/multi_gpu.py table multi_gpu.json [adapters.json]
 """
 
@@ -36,7 +38,7 @@ def adapters(model_dir: str, out: str) -> None:
         weights = load_file(os.path.join(path, "adapter_model.safetensors"))
         expected = layers * len(TARGETS) * 2
         empty_b = [k for k, v in weights.items() if "lora_B" in k and float(v.float().abs().max()) == 0.0]
-        shapes_ok = all(v.dim() == 2 and min(v.shape) == 16 and max(v.shape) >= base.config.hidden_size for v in weights.values())
+        shapes_ok = _whole_shapes(base, weights, json.load(open(os.path.join(path, "adapter_config.json")))["r"])
         if model is None:
             model = PeftModel.from_pretrained(base, path, adapter_name=name)
         else:
@@ -56,6 +58,69 @@ def adapters(model_dir: str, out: str) -> None:
     for entry in report.values():
         del entry["delta"]
     print(json.dumps(report, indent=1))
+
+
+def _whole_shapes(base, weights: dict, rank: int) -> bool:
+    """Every LoRA tensor at its full shape: A is (r, in_features), B is (out_features, r) of the layer it adapts."""
+    modules = dict(base.named_modules())
+    for key, tensor in weights.items():
+        layer = modules.get(key.removeprefix("base_model.model.").rsplit(".lora_", 1)[0])
+        if layer is None:
+            return False
+        full = (rank, layer.in_features) if ".lora_A" in key else (layer.out_features, rank)
+        if tuple(tensor.shape) != full:
+            return False
+    return True
+
+
+def sharded_logits(model_dir: str, adapter: str) -> dict:
+    """Under ``accelerate launch`` with FSDP2: the adapter's logits on one unsharded copy (process 0, as after
+    training on one GPU) against the same weights sharded across the processes the way training shards them.
+
+    The base loads as ``train`` loads it (a 4-bit base when the adapter was trained on one, stored in bf16).
+    Both forwards run in bf16 autocast. ``vs_adapter_effect``: the difference over what the adapter changes.
+    """
+    import torch
+    from accelerate import Accelerator
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from hf_instruct_tune.backends import nf4_config
+    from hf_instruct_tune.metadata import TrainingMetadata
+
+    accelerator = Accelerator()
+    device = accelerator.device
+    four_bit = bool(TrainingMetadata.load(adapter).training.get("load_in_4bit"))
+    kwargs = {"dtype": torch.bfloat16}
+    if four_bit:
+        kwargs.update(quantization_config=nf4_config(), device_map={"": device})
+    base_model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if not four_bit:
+        base_model.to(device)
+    model = PeftModel.from_pretrained(base_model, adapter, is_trainable=True)
+    vocab = base_model.config.vocab_size
+    ids = torch.randint(min(1000, vocab // 2), min(120000, vocab), (1, 256),
+                        generator=torch.Generator().manual_seed(0)).to(device)
+    one = base = None
+    if accelerator.is_main_process:
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+            one = model(input_ids=ids).logits.float()
+            with model.disable_adapter():
+                base = model(input_ids=ids).logits.float()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        sharded = model(input_ids=ids).logits.float()
+    result = {}
+    if accelerator.is_main_process:
+        diff = float((sharded - one).norm())
+        result = {"adapter": os.path.basename(adapter), "load_in_4bit": four_bit, "processes": accelerator.num_processes,
+                  "sharded": type(next(iter(model.parameters()))).__name__,
+                  "rel_diff": diff / float(one.norm()), "adapter_effect": float((one - base).norm() / base.norm()),
+                  "vs_adapter_effect": diff / max(float((one - base).norm()), 1e-30)}
+        print("RESULT " + json.dumps(result), flush=True)
+    accelerator.wait_for_everyone()
+    return result
 
 
 def table(results: list[dict], checks: dict | None = None) -> str:
@@ -85,6 +150,8 @@ def table(results: list[dict], checks: dict | None = None) -> str:
 if __name__ == "__main__":
     if sys.argv[1] == "adapters":
         adapters(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "sharded-logits":
+        sharded_logits(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "table":
         checks = json.load(open(sys.argv[3])) if len(sys.argv) > 3 and os.path.getsize(sys.argv[3]) else None
         print(table(json.load(open(sys.argv[2])), checks))

@@ -124,6 +124,9 @@ class TrainConfig:
     endpoint: str | None = field(default=None, metadata=_help("Hub endpoint (default: HF_ENDPOINT or huggingface.co)."))
     num_processes: int | None = field(default=None, metadata=_help(
         "Re-launch this command through `accelerate launch` with N processes."))
+    fsdp: bool = field(default=False, metadata=_help(
+        "With --num-processes: shard the base model across the GPUs with FSDP2 instead of giving each a whole copy "
+        "(for a base too large for one GPU; with --load-in-4bit too). See docs/multi_gpu.md."))
 
     def __post_init__(self):
         for item in dataclasses.fields(self):
@@ -159,7 +162,7 @@ class TrainConfig:
 _NOT_HYPERPARAMETERS = {"data", "model", "output_dir", "formatter", "template", "base_model_id", "dataset_name",
                         "eval_data", "resume", "overwrite", "push_to", "private", "endpoint", "num_processes",
                         "language", "license", "save_steps", "save_total_limit", "logging_steps", "report_to", "trust_remote_code",
-                        "allow_pickle", "memory_plan", "max_memory"}
+                        "allow_pickle", "memory_plan", "max_memory", "fsdp"}
 
 
 def changed_options(config: TrainConfig) -> dict[str, Any]:

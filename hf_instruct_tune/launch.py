@@ -83,27 +83,31 @@ def fsdp_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in {"1", "true"}
 
 
-def accelerate_command(argv: list[str], num_processes: int) -> list[str]:
+def accelerate_command(argv: list[str], num_processes: int, *, config_file: str | None = None) -> list[str]:
     """The ``accelerate launch`` command that runs ``hf-instruct-tune ARGV`` in ``num_processes`` processes.
 
     ``--num-processes`` is taken out of ``argv`` and ``--num-processes 1`` appended, so that a
-    ``num_processes`` key in a YAML config does not make each worker launch again. With an accelerate
-    config (``accelerate config``), that config chooses DDP, FSDP or DeepSpeed and the mixed precision;
-    without one, the processes run plain DDP (``--multi_gpu``, which on a machine without GPUs means
-    CPU processes over gloo) on a free port.
+    ``num_processes`` key in a YAML config does not make each worker launch again. With ``config_file``
+    (``--fsdp`` writes one), that accelerate config decides. Else with a saved accelerate config
+    (``accelerate config``), that config chooses DDP, FSDP or DeepSpeed and the mixed precision; without one,
+    the processes run plain DDP (``--multi_gpu``, which on a machine without GPUs means CPU processes over
+    gloo) on a free port.
     """
     from accelerate.commands.config import default_config_file
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
-    if not os.path.isfile(default_config_file):
+    if config_file:
+        command += ["--config_file", config_file]
+    elif not os.path.isfile(default_config_file):
         command += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     "--main_process_port", "0"]
     return [*command, "-m", "hf_instruct_tune", *_without_num_processes(argv), _FLAG, "1"]
 
 
-def relaunch_with_accelerate(argv: list[str], num_processes: int) -> int:
+def relaunch_with_accelerate(argv: list[str], num_processes: int, *, fsdp: bool = False) -> int:
     """Run ``hf-instruct-tune ARGV`` again under ``accelerate launch`` with ``num_processes`` processes.
 
+    With ``fsdp``, through the FSDP2 config of :mod:`hf_instruct_tune.fsdp`, written to a temporary file.
     Returns the launcher's exit code (128 + N when it was killed by signal N). On Ctrl-C the workers
     save a checkpoint and stop; this waits for them.
     """
@@ -111,9 +115,14 @@ def relaunch_with_accelerate(argv: list[str], num_processes: int) -> int:
         raise InputError(f"this process is already one of {world_size()} started by a launcher; drop "
                          "--num-processes (or `num_processes:` in the config) and let the launcher set the count",
                          field="num_processes")
-    command = accelerate_command(argv, num_processes)
-    logger.info("Launching %d processes: %s", num_processes, shlex.join(command))
     with tempfile.TemporaryDirectory(prefix="hf-instruct-tune-launch-") as scratch:
+        config_file = None
+        if fsdp:
+            from .fsdp import write_accelerate_config
+
+            config_file = str(write_accelerate_config(os.path.join(scratch, "accelerate_fsdp.yaml"), num_processes))
+        command = accelerate_command(argv, num_processes, config_file=config_file)
+        logger.info("Launching %d processes%s: %s", num_processes, " with FSDP" if fsdp else "", shlex.join(command))
         error_file = os.path.join(scratch, "exit_code")
         process = subprocess.Popen(command, env={**os.environ, ERROR_FILE_VARIABLE: error_file}, stderr=subprocess.PIPE)
         forwarding = threading.Thread(target=_forward_stderr, args=(process.stderr, error_file), daemon=True)

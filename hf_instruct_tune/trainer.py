@@ -481,7 +481,10 @@ class InstructTrainer(SFTTrainer):
         folder = Path(output_dir or self.args.output_dir)
         before = file_state(folder) if self.args.should_save else {}
         with self._lm_head_restored():
-            super().save_model(output_dir, _internal_call)
+            if getattr(self, "is_fsdp_enabled", False):
+                self._save_sharded(output_dir)
+            else:
+                super().save_model(output_dir, _internal_call)
         if self.args.should_save:
             written = written_since(folder, before)
             for name in written:
@@ -492,6 +495,14 @@ class InstructTrainer(SFTTrainer):
             self.save_run_files(folder)
             if not _internal_call:
                 self._write_card(folder)
+
+    def _save_sharded(self, output_dir: str | None) -> None:
+        """Under FSDP: the adapter gathered whole from every process, written by process 0 as on one GPU."""
+        from .fsdp import adapter_state_dict
+
+        state_dict = adapter_state_dict(self.model)
+        if self.args.should_save:
+            self._save(output_dir, state_dict=state_dict)
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it into place (see :mod:`.checkpoints`)."""

@@ -57,7 +57,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 def _run_training(config: TrainConfig) -> TrainResult:
     from .backends import resolve_backend
-    from .launch import quiet_replicas
+    from .launch import fsdp_launched, quiet_replicas
 
     quiet_replicas()  # under accelerate launch / torchrun every rank runs this; rank 0 speaks for them
     if not config.data:
@@ -71,6 +71,9 @@ def _run_training(config: TrainConfig) -> TrainResult:
     if (output_dir / "adapter_config.json").exists() and not (config.overwrite or config.resume):
         raise InputError("already holds an adapter; pass --overwrite to replace it, --resume to continue its "
                          "checkpoints, or choose another --output-dir", source=str(output_dir), field="output_dir")
+    if config.resume and fsdp_launched():
+        raise InputError("--resume is not supported under FSDP (the Trainer restores a checkpoint's sharded adapter "
+                         "only in part on some accelerate versions); start again with --overwrite", field="resume")
     checkpoint = last_checkpoint(output_dir) if config.resume else None
     if config.resume and checkpoint is None:
         raise InputError(f"no checkpoint to resume from in {output_dir / CHECKPOINTS_DIR}", source=str(output_dir),
@@ -114,8 +117,10 @@ def _run_training(config: TrainConfig) -> TrainResult:
                             f"{' with --resume' if kept else ''}.") from None
     if interrupt.interrupted:
         saved = last_checkpoint(output_dir)
+        again = ("FSDP runs cannot resume: run the same command with --overwrite to start again" if fsdp_launched()
+                 else "Run the same command with --resume to continue")
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {saved}. "
-                                  "Run the same command with --resume to continue.")
+                                  f"{again}.")
     _save_final(trainer, output_dir)
     for tokenized in (trainer.train_data, trainer.eval_data):
         if tokenized is not None:  # each rank tokenized into its own temporary folder
@@ -294,21 +299,19 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
-                                          "fused_loss": trainer.fused_loss,
+                                          "fused_loss": trainer.fused_loss, "fsdp": fsdp_launched(),
                                           "memory_plan": trainer.memory_plan.describe() if trainer.memory_plan else None,
                                           "changed": changed_options(config)})
     return trainer
 
 
 def _check_fsdp_saves_an_adapter(trainer) -> None:
-    """Under FSDP the Trainer writes the adapter only from a full state dict: refuse before training otherwise."""
+    """Under FSDP, refuse before training the settings a whole adapter cannot be saved from (FSDP1, sharded dicts)."""
     if not getattr(trainer, "is_fsdp_enabled", False):
         return
-    state_dict_type = str(trainer.accelerator.state.fsdp_plugin.state_dict_type)
-    if "FULL_STATE_DICT" not in state_dict_type:
-        raise InputError(f"FSDP saves no adapter with the state dict type {state_dict_type}; set "
-                         "`fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config (see "
-                         "examples/accelerate_fsdp.yaml)", field="fsdp_state_dict_type")
+    from .fsdp import check_plugin
+
+    check_plugin(trainer.accelerator.state.fsdp_plugin)
 
 
 def _save_final(trainer, output_dir: Path) -> None:

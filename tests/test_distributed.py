@@ -204,7 +204,7 @@ def test_relaunch_keeps_an_accelerate_config(tmp_path, monkeypatch):
 
 
 def test_relaunch_returns_the_exit_code(monkeypatch):
-    monkeypatch.setattr(launch, "accelerate_command", lambda argv, n: [sys.executable, "-c", "import sys; sys.exit(3)"])
+    monkeypatch.setattr(launch, "accelerate_command", lambda argv, n, **kwargs: [sys.executable, "-c", "import sys; sys.exit(3)"])
     assert launch.relaunch_with_accelerate(["train"], 2) == 3
 
 

@@ -8,12 +8,14 @@ import os
 import sys
 
 from ..config import TrainConfig, field_type
+from ..errors import InputError
 
 EXAMPLES = """examples:
   hf-instruct-tune train --data examples/dataset.json --template alpaca-zh --output-dir outputs/sentiment
   hf-instruct-tune train config.yaml --max-steps 100
   hf-instruct-tune train --model meta-llama/Meta-Llama-3-8B --data data.jsonl --load-in-4bit --packing \\
       --push-to you/llama3-sentiment-lora
+  hf-instruct-tune train config.yaml --num-processes 2 --fsdp    # a base too large for one GPU
 """
 
 
@@ -48,10 +50,24 @@ def run(args: argparse.Namespace) -> int:
     names = {item.name for item in dataclasses.fields(TrainConfig)}
     overrides = {name: value for name, value in vars(args).items() if name in names}
     config = build_config(args.config, overrides)
+    if config.fsdp:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError("--fsdp needs CUDA GPUs (accelerate runs FSDP on GPUs only); without them, "
+                             "--num-processes N alone trains in N CPU processes", field="fsdp")
     if config.num_processes and config.num_processes > 1:
         from ..launch import relaunch_with_accelerate
 
-        return relaunch_with_accelerate(sys.argv[1:] if args.argv is None else args.argv, config.num_processes)
+        return relaunch_with_accelerate(sys.argv[1:] if args.argv is None else args.argv, config.num_processes,
+                                        fsdp=config.fsdp)
+    if config.fsdp:
+        from ..launch import fsdp_launched
+
+        if not fsdp_launched():
+            raise InputError("--fsdp shards the model across processes: add --num-processes N (N >= 2), or start "
+                             "the command with `accelerate launch --config_file examples/accelerate_fsdp.yaml`",
+                             field="fsdp")
     # the package's default allocator setting, set before CUDA starts: less fragmentation at the same peak
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
