@@ -41,6 +41,10 @@ class EOSSafeCollator:
             reads its ``loss_positions`` (:class:`~hf_instruct_tune.InstructTrainer` does).
         attention_tokens: the model's matmul work per token over its attention work per token pair, about
             ``6 * hidden_size``: how prefix sharing weighs its explicit attention mask.
+        block_sparse_attention: the model attends through a FlexAttention ``BlockMask`` (``torch_varlen``,
+            ``flex_attention``): a shared-prefix batch then carries its prefix tree compactly instead of a dense
+            mask, and sharing is weighed by the token pairs attended; :class:`InstructTrainer` sets it from the
+            model's attention implementation.
     """
 
     pad_token_id: int
@@ -53,6 +57,7 @@ class EOSSafeCollator:
     flash_attn_kwargs: bool = False
     prefix_sharing: bool = False
     attention_tokens: int = 4096
+    block_sparse_attention: bool = False
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -80,10 +85,11 @@ class EOSSafeCollator:
 
         tree = build_prefix_tree([example["input_ids"] for example in encoded])
         lengths = [len(example["input_ids"]) for example in encoded]
+        pairs = tree.attended_pairs() if self.block_sparse_attention else None
         if not sharing_pays(lengths, len(tree.tokens), attention_tokens=self.attention_tokens,
-                            packed=self.padding_free):
+                            packed=self.padding_free, tree_pairs=pairs):
             return None
-        return share_prefixes(encoded, tree)
+        return share_prefixes(encoded, tree, compact=self.block_sparse_attention)
 
     def _encoded(self, feature: Mapping[str, Any]) -> dict[str, list[int]] | None:
         if "input_ids" in feature and "labels" in feature:

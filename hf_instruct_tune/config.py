@@ -69,7 +69,8 @@ class TrainConfig:
     prefix_sharing: bool | None = field(default=None, metadata=_help(
         "Compute the token prefixes that rows of a micro-batch share (a preamble, a system prompt) once: the same "
         "loss and gradients, less work. Default: on where it pays (an attention that takes a mask: sdpa, "
-        "eager); on CPU the micro-batches of a step are then merged into one when they fit."))
+        "eager, torch_varlen and flex_attention with a block mask); on CPU the micro-batches of a step are then "
+        "merged into one when they fit."))
     fused_loss: bool | None = field(default=None, metadata=_help(
         "Compute the loss from hidden states, with logits only at supervised positions and never all at once "
         "(Cut Cross-Entropy on CUDA when installed, else chunked): the same loss, less memory and time. "

@@ -21,7 +21,9 @@ divided by their count (``tests/test_packing.py`` checks loss and gradients).
 
 from __future__ import annotations
 
+import functools
 import inspect
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -140,6 +142,13 @@ def register_varlen_attention() -> str:
 
     The implementation reads ``cu_seq_lens_q`` and ``max_length_q`` from the forward kwargs (``pack_features``
     with ``flash_attn_kwargs=True``); without them each row is one causal sequence. No mask is built for it.
+
+    A FlexAttention ``BlockMask`` given as ``attention_mask`` (a shared-prefix batch,
+    :func:`hf_instruct_tune.prefix_sharing.tree_block_mask`; transformers passes a 4-D mask through unchanged)
+    runs ``flex_attention`` instead, computing only the blocks the mask lets through. On CUDA it is compiled once
+    per process with dynamic shapes, so rows of any length reuse the same kernels (no padding to a bucket; the
+    first steps pay for the compilation). Elsewhere it runs eagerly, and with gradients (FlexAttention has no CPU
+    backward) as ``sdpa`` over the dense mask of the same ``mask_mod``.
     """
     from transformers import AttentionInterface
 
@@ -168,7 +177,10 @@ def _varlen_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: ``query`` ``[B, H, T, D]`` -> ``([B, T, H, D], None)``."""
     if attention_mask is not None:
-        raise ValueError(f"`{VARLEN_ATTENTION}` isolates examples by `cu_seq_lens_q`; got an `attention_mask`.")
+        if _is_block_mask(attention_mask):
+            return _block_mask_attention(query, key, value, attention_mask, scaling), None
+        raise ValueError(f"`{VARLEN_ATTENTION}` isolates examples by `cu_seq_lens_q` or a FlexAttention `BlockMask`; "
+                         f"got an `attention_mask` of type {type(attention_mask).__name__}.")
     varlen_attn, has_window, has_gqa = _varlen_call()
     b, hq, t, d = query.shape
     hk = key.shape[1]
@@ -191,6 +203,42 @@ def _varlen_attention_forward(
         extra["enable_gqa"] = True
     out = varlen_attn(q, k, v, cu, cu, int(max_length_q), int(max_length_q), **extra)
     return out.view(b, t, hq, d), None
+
+
+def _is_block_mask(mask: Any) -> bool:
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        return False
+    return isinstance(mask, BlockMask)
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def _block_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
+                          scaling: float | None) -> torch.Tensor:
+    """``flex_attention`` of ``[B, H, T, D]`` tensors under ``block_mask``, as ``[B, T, H, D]``."""
+    from torch.nn.attention.flex_attention import create_mask, flex_attention
+
+    gqa = key.shape[1] != query.shape[1]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
+    if query.device.type == "cuda":
+        out = _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    elif needs_grad:
+        t, s = query.shape[2], key.shape[2]
+        dense = create_mask(block_mask.mask_mod, 1, 1, t, s, device=query.device)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense, scale=scaling,
+                                                               enable_gqa=gqa)
+    else:
+        with warnings.catch_warnings():  # eager on purpose: the CPU has no compiled kernel worth compiling for
+            warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+            out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous()
 
 
 def _as_list(x: Any) -> list[int]:

@@ -18,9 +18,17 @@ A batch built here holds:
 * ``input_ids``, ``position_ids`` ``[1, T]`` (T: the tokens of the tree),
 * ``attention_mask`` ``[1, 1, T, T]`` bool, True where a query token may attend to a key token (transformers
   uses a 4-D mask as given; ``sdpa`` takes it as is, ``eager`` as an additive mask, see :func:`attention_mask_for`),
+  or, for block-sparse attention (``compact=True``), the tree itself: ``tree_nodes`` ``[1, T]`` (each token's
+  node) and ``tree_ancestors`` ``[n, n]`` bool (``[d, a]``: node ``a`` is node ``d`` or one of its ancestors),
 * ``loss_positions`` ``[1, N]`` and ``labels`` = ``shift_labels`` ``[1, N]``: the N supervised predictions
   (transformers counts ``shift_labels`` for the loss normalization across gradient accumulation),
 * ``rows`` and ``row_tokens`` (scalars: the rows and the tokens they hold), ``use_cache=False``.
+
+On a GPU the attention is block-sparse: with ``torch_varlen`` (the package's attention, see
+:mod:`hf_instruct_tune.packing`) or transformers' ``flex_attention``, :func:`shared_prefix_loss` turns the
+compact tree into a FlexAttention ``BlockMask`` (:func:`tree_block_mask`): only the blocks of token pairs that the
+tree lets through are computed, so attention costs about the pairs a row attends, not ``T**2``, and no
+``T x T`` mask is ever built.
 """
 
 from __future__ import annotations
@@ -30,11 +38,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 MASK_ATTENTIONS = {"sdpa", "eager"}
 """Attention implementations that take an explicit 4-D mask (flash and varlen kernels ignore masks)."""
-SHARING_KEYS = ("loss_positions", "shift_labels", "rows", "row_tokens")
+BLOCK_MASK_ATTENTIONS = {"torch_varlen", "flex_attention"}
+"""Attention implementations that take a FlexAttention ``BlockMask`` (``torch_varlen``: :mod:`.packing`)."""
+SHARING_KEYS = ("loss_positions", "shift_labels", "rows", "row_tokens", "tree_nodes", "tree_ancestors")
 """Keys of a shared-prefix batch that are not model inputs."""
 
 
@@ -56,17 +67,25 @@ class PrefixTree:
         self.node_of_token.extend([node] * len(run))
         return node
 
-    def attention_mask(self) -> torch.Tensor:
-        """``[T, T]`` bool: query ``q`` sees key ``k`` when ``k``'s node is ``q``'s node or one of its ancestors
-        and ``k <= q``."""
+    def ancestors(self) -> torch.Tensor:
+        """``[n, n]`` bool: ``[d, a]`` is True when node ``a`` is node ``d`` or one of its ancestors."""
         n = len(self.parents)
         ancestors = torch.zeros((n, n), dtype=torch.bool)
         for node, parent in enumerate(self.parents):  # parents come before their children
             if parent >= 0:
                 ancestors[node] = ancestors[parent]
             ancestors[node, node] = True
-        nodes = torch.tensor(self.node_of_token, dtype=torch.long)
-        return ancestors[nodes][:, nodes] & torch.ones((len(nodes), len(nodes)), dtype=torch.bool).tril()
+        return ancestors
+
+    def attention_mask(self) -> torch.Tensor:
+        """``[T, T]`` bool: query ``q`` sees key ``k`` when ``k``'s node is ``q``'s node or one of its ancestors
+        and ``k <= q``."""
+        return dense_tree_mask(torch.tensor(self.node_of_token, dtype=torch.long), self.ancestors())
+
+    def attended_pairs(self) -> int:
+        """The (query, key) pairs the tree's mask lets through: a token at position ``p`` sees the ``p + 1`` tokens
+        of its row up to itself."""
+        return sum(self.positions) + len(self.positions)
 
 
 def build_prefix_tree(rows: Sequence[Sequence[int]]) -> PrefixTree:
@@ -95,10 +114,12 @@ def build_prefix_tree(rows: Sequence[Sequence[int]]) -> PrefixTree:
     return tree
 
 
-def share_prefixes(features: Sequence[Mapping[str, Sequence[int]]], tree: PrefixTree | None = None) -> dict[str, Any]:
+def share_prefixes(features: Sequence[Mapping[str, Sequence[int]]], tree: PrefixTree | None = None, *,
+                   compact: bool = False) -> dict[str, Any]:
     """One shared-prefix batch (see the module docstring) from encoded examples (``input_ids``, ``labels``).
 
-    ``tree``: the examples' :func:`build_prefix_tree`, when already built.
+    ``tree``: the examples' :func:`build_prefix_tree`, when already built. ``compact``: carry the tree
+    (``tree_nodes``, ``tree_ancestors``) instead of the dense ``attention_mask``, for block-sparse attention.
     """
     if not features:
         raise ValueError("`features` should hold at least one example, got an empty list.")
@@ -115,10 +136,12 @@ def share_prefixes(features: Sequence[Mapping[str, Sequence[int]]], tree: Prefix
                 positions.append(tree.row_index[r][t])
                 targets.append(labels[t + 1])
     targets_tensor = torch.tensor([targets], dtype=torch.long)
+    attention = ({"tree_nodes": torch.tensor([tree.node_of_token], dtype=torch.long),
+                  "tree_ancestors": tree.ancestors()} if compact else {"attention_mask": tree.attention_mask()[None, None]})
     return {
         "input_ids": torch.tensor([tree.tokens], dtype=torch.long),
         "position_ids": torch.tensor([tree.positions], dtype=torch.long),
-        "attention_mask": tree.attention_mask()[None, None],
+        **attention,
         "loss_positions": torch.tensor([positions], dtype=torch.long),
         "labels": targets_tensor,
         "shift_labels": targets_tensor,
@@ -128,22 +151,34 @@ def share_prefixes(features: Sequence[Mapping[str, Sequence[int]]], tree: Prefix
     }
 
 
-def sharing_pays(lengths: Sequence[int], tree_tokens: int, *, attention_tokens: int, packed: bool = False) -> bool:
+def sharing_pays(lengths: Sequence[int], tree_tokens: int, *, attention_tokens: int, packed: bool = False,
+                 tree_pairs: int | None = None) -> bool:
     """Whether one shared row of ``tree_tokens`` costs clearly less than the usual layout of ``lengths``.
 
-    The shared prefixes must save a tenth of the rows' tokens, and the cost must drop by a tenth. Cost of a row
-    of T tokens: ``T + T**2 / attention_tokens`` (the linear layers, plus attention over an explicit mask);
-    ``attention_tokens`` is about ``6 * hidden_size`` (per-token matmul work over per-pair attention work).
+    The shared prefixes must save a tenth of the rows' tokens, and the cost must drop by a tenth. Cost of a row:
+    its tokens (the linear layers) plus its attention work over ``attention_tokens``, about ``6 * hidden_size``
+    (per-token matmul work over per-pair attention work). With an explicit mask attention computes every pair,
+    ``T**2``; with block-sparse attention (``tree_pairs`` given: :meth:`PrefixTree.attended_pairs`) it computes
+    the pairs a row attends, and the usual layout's varlen or flash kernels their causal half, ``T * (T + 1) / 2``.
     The usual layout is padding to the longest row, or with ``packed`` isolated packing.
     """
     if len(lengths) < 2 or tree_tokens > 0.9 * sum(lengths):
         return False
-    shared = tree_tokens + tree_tokens**2 / attention_tokens
+    if tree_pairs is None:
+        shared = tree_tokens + tree_tokens**2 / attention_tokens
+
+        def pairs(n: int) -> float:
+            return n * n
+    else:
+        shared = tree_tokens + tree_pairs / attention_tokens
+
+        def pairs(n: int) -> float:
+            return n * (n + 1) / 2
     if packed:
-        usual = sum(lengths) + sum(n * n for n in lengths) / attention_tokens
+        usual = sum(lengths) + sum(map(pairs, lengths)) / attention_tokens
     else:
         longest = max(lengths)
-        usual = len(lengths) * (longest + longest**2 / attention_tokens)
+        usual = len(lengths) * (longest + pairs(longest) / attention_tokens)
     return shared < 0.9 * usual
 
 
@@ -154,6 +189,76 @@ def attention_mask_for(mask: torch.Tensor, attn_implementation: str | None, dtyp
         additive = torch.zeros(mask.shape, dtype=dtype, device=mask.device)
         return additive.masked_fill(~mask, torch.finfo(dtype).min)
     return mask
+
+
+def dense_tree_mask(nodes: torch.Tensor, ancestors: torch.Tensor) -> torch.Tensor:
+    """``[T, T]`` bool from a compact tree: ``ancestors[nodes[q], nodes[kv]] & (kv <= q)``."""
+    length = nodes.numel()
+    causal = torch.ones((length, length), dtype=torch.bool, device=nodes.device).tril()
+    return ancestors[nodes][:, nodes] & causal
+
+
+def tree_block_mask(nodes: torch.Tensor, ancestors: torch.Tensor, *, block_size: int = 128) -> Any:
+    """The FlexAttention ``BlockMask`` of one packed tree row, on the tensors' device.
+
+    ``mask_mod(b, h, q, kv) = ancestors[nodes[q], nodes[kv]] & (kv <= q)`` (``nodes``: ``[T]``, each token's
+    node; ``ancestors``: ``[n, n]``). Which blocks of ``block_size`` x ``block_size`` pairs are computed, and which
+    of them need no mask, comes from the tree in ``O(T + (T / block_size)**2)``, never from a ``T x T`` mask: in
+    the depth-first layout of :func:`share_prefixes` a node's subtree is one run of tokens, so the queries that see
+    a key token ``kv`` are those from ``kv`` up to the end of its node's subtree.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    nodes = nodes.reshape(-1)
+    device, length = nodes.device, nodes.numel()
+    index = torch.arange(length, device=device)
+    last = torch.full((ancestors.shape[0],), -1, dtype=torch.long, device=device)
+    last = last.scatter_reduce(0, nodes, index, reduce="amax")  # each node's last token
+    subtree_end = torch.where(ancestors, last[:, None], -1).amax(0) + 1  # [a]: after a's last descendant
+    ends = subtree_end[nodes]  # per key token: the first query that no longer sees it
+    blocks = -(-length // block_size)
+    padding = blocks * block_size - length
+    most = F.pad(ends, (0, padding), value=0).view(blocks, block_size).amax(1)
+    least = F.pad(ends, (0, padding), value=length).view(blocks, block_size).amin(1)
+    starts = torch.arange(blocks, device=device) * block_size
+    stops = (starts + block_size).clamp(max=length)
+    query_block, key_block = torch.arange(blocks, device=device)[:, None], torch.arange(blocks, device=device)[None]
+    before, diagonal = key_block < query_block, key_block == query_block
+    whole = (stops - starts == block_size)[:, None]  # a block with padding in it is never full (as torch makes them)
+    full = (before & whole & (least[None] >= stops[:, None])) | (diagonal & (block_size == 1))
+    partial = ((before & (most[None] > starts[:, None])) | diagonal) & ~full
+
+    def mask_mod(b, h, q, kv):
+        return ancestors[nodes[q], nodes[kv]] & (kv <= q)
+
+    def sparse(chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        counts = chosen.sum(-1, dtype=torch.int32)
+        order = torch.argsort((~chosen).to(torch.int8), dim=-1, stable=True).to(torch.int32)  # chosen first, in order
+        return counts[None, None], order[None, None]
+
+    (kv_num_blocks, kv_indices), (full_num_blocks, full_indices) = sparse(partial), sparse(full)
+    return BlockMask.from_kv_blocks(kv_num_blocks, kv_indices, full_num_blocks, full_indices, BLOCK_SIZE=block_size,
+                                    mask_mod=mask_mod, seq_lengths=(length, length))
+
+
+def tree_attention_mask(inputs: dict[str, Any], attn_implementation: str | None, dtype: torch.dtype) -> Any:
+    """Take the batch's tree out of ``inputs`` (compact or dense) and return the mask the model's attention takes:
+    a ``BlockMask`` for :data:`BLOCK_MASK_ATTENTIONS`, else the dense mask of :func:`attention_mask_for`."""
+    nodes, ancestors = inputs.pop("tree_nodes", None), inputs.pop("tree_ancestors", None)
+    dense = inputs.pop("attention_mask", None)
+    if attn_implementation in BLOCK_MASK_ATTENTIONS:
+        if nodes is not None:
+            return tree_block_mask(nodes, ancestors)
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        def mask_mod(b, h, q, kv):
+            return dense[0, 0, q, kv]
+
+        length = dense.shape[-1]
+        return create_block_mask(mask_mod, None, None, length, length, device=dense.device)
+    if dense is None:
+        dense = dense_tree_mask(nodes.reshape(-1), ancestors)[None, None]
+    return attention_mask_for(dense, attn_implementation, dtype)
 
 
 def attention_tokens_for(model: Any) -> int:
@@ -186,8 +291,6 @@ def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, 
     ``head``: the ``lm_head`` when the model returns hidden states (fused loss), else None (it returns logits).
     Returns ``(loss, outputs)``.
     """
-    import torch.nn.functional as F
-
     from .loss import normalized_loss, predictions_cross_entropy
 
     positions = inputs.pop("loss_positions")[0]
@@ -196,8 +299,7 @@ def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, 
     rows, row_tokens = int(inputs.pop("rows", 0)), int(inputs.pop("row_tokens", 0))
     config = getattr(model, "config", None)
     dtype = getattr(model, "dtype", None) or torch.float32
-    inputs["attention_mask"] = attention_mask_for(inputs["attention_mask"],
-                                                  getattr(config, "_attn_implementation", None), dtype)
+    inputs["attention_mask"] = tree_attention_mask(inputs, getattr(config, "_attn_implementation", None), dtype)
     inputs["use_cache"] = False
     # the head runs only at the supervised positions: a row's other tokens need no logits
     inputs["logits_to_keep"] = positions.to(inputs["input_ids"].device)

@@ -17,8 +17,8 @@ from trl import SFTConfig, SFTTrainer
 
 from .backends import offload_input_embeddings
 from .collator import EOSSafeCollator
-from .prefix_sharing import (MASK_ATTENTIONS, SharingStats, attention_tokens_for, merged_micro_batches,
-                             shared_prefix_loss)
+from .prefix_sharing import (BLOCK_MASK_ATTENTIONS, MASK_ATTENTIONS, SharingStats, attention_tokens_for,
+                             merged_micro_batches, shared_prefix_loss)
 from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
 from .language import guess_language
@@ -75,8 +75,9 @@ class InstructTrainer(SFTTrainer):
             (False), or as the plan decides (None).
         prefix_sharing: compute the token prefixes that rows of a micro-batch share once
             (:mod:`hf_instruct_tune.prefix_sharing`): the same loss and gradients, less work. None (default): on
-            when the model's attention takes an explicit mask (``sdpa``, ``eager``), for the
-            micro-batches where it costs clearly less. On CPU it also merges the micro-batches of a step into one
+            when the model's attention takes an explicit mask (``sdpa``, ``eager``) or a FlexAttention block mask
+            (``torch_varlen``, the default on a GPU, and ``flex_attention``), for the micro-batches where it costs
+            clearly less. On CPU it also merges the micro-batches of a step into one
             when they fit 16k tokens (same rows per step, same loss). The log says how many tokens it saved.
         balance_ranks: with several processes (DDP, FSDP), share each optimizer step's rows out between the
             processes and their micro-batches by work (tokens, plus attention's quadratic part) rather than in
@@ -180,7 +181,8 @@ class InstructTrainer(SFTTrainer):
             data_collator = EOSSafeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=self.packing,
                                             pad_to_multiple_of=args.pad_to_multiple_of,
                                             prefix_sharing=self.prefix_sharing,
-                                            attention_tokens=attention_tokens_for(model))
+                                            attention_tokens=attention_tokens_for(model),
+                                            block_sparse_attention=_attention_of(model) in BLOCK_MASK_ATTENTIONS)
         else:
             warnings.warn("A custom `data_collator` replaces the EOS-safe collator; its labels are yours to check.",
                           stacklevel=2)
@@ -620,15 +622,20 @@ WARMUP_FRACTION = 10
 """Warm-up takes at most ``1 / WARMUP_FRACTION`` of the optimizer steps."""
 
 def _prefix_sharing_wanted(asked: bool | None, model) -> bool:
-    """``prefix_sharing`` as asked, or by default on when the model's attention takes an explicit mask."""
-    attn = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    """``prefix_sharing`` as asked, or by default on when the model's attention takes an explicit or a block mask."""
+    attn = _attention_of(model)
+    masked = MASK_ATTENTIONS | BLOCK_MASK_ATTENTIONS
     if asked is None:
-        return attn in MASK_ATTENTIONS and not _is_unsloth(model)
-    if asked and attn not in MASK_ATTENTIONS:
-        raise InputError(f"prefix sharing needs an attention that takes an explicit mask ({', '.join(sorted(MASK_ATTENTIONS))}); "
+        return attn in masked and not _is_unsloth(model)
+    if asked and attn not in masked:
+        raise InputError(f"prefix sharing needs an attention that takes an explicit mask ({', '.join(sorted(masked))}); "
                          f"the model uses {attn!r}. Load it with attn_implementation='sdpa' or turn prefix sharing off.",
                          field="prefix_sharing")
     return bool(asked)
+
+
+def _attention_of(model) -> str | None:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None)
 
 
 def _is_unsloth(model) -> bool:
