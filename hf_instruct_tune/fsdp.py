@@ -84,25 +84,40 @@ class PartialAdapterError(InstructTuneError):
 def adapter_state_dict(model) -> dict[str, Any]:
     """The trainable weights (the adapter) of a model sharded with FSDP2, each gathered whole.
 
-    Call it on every process: each takes part in gathering. Process 0 gets every tensor whole, on the CPU;
-    the others get an empty dict. Keys are the model's own parameter names, as ``model.state_dict()`` has
-    them, so ``PeftModel.save_pretrained(folder, state_dict=...)`` writes the same adapter as on one GPU.
+    Call it on every process: each takes part in gathering every tensor (``DTensor.full_tensor``, one
+    all-gather per tensor, in the model's parameter order). Process 0 gets every tensor whole, on the CPU; the
+    others get an empty dict. Frozen weights (the base, 4-bit or not) are neither gathered nor read. Keys are
+    the model's own parameter names, as ``model.state_dict()`` has them, so
+    ``PeftModel.save_pretrained(folder, state_dict=...)`` writes the same adapter as on one GPU.
     Raises :class:`PartialAdapterError` when what process 0 got is not every trainable tensor at full shape.
     """
     import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.tensor import DTensor
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
-    gathered = get_model_state_dict(model, options=options)
-    if dist.is_initialized() and dist.get_rank() != 0:
+    writer = not dist.is_initialized() or dist.get_rank() == 0
+    gathered, expected = {}, {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        expected[name] = tuple(param.shape)  # a DTensor's shape is the whole tensor's
+        whole = param.full_tensor() if isinstance(param, DTensor) else param
+        if writer:
+            gathered[name] = whole.detach().to("cpu", copy=True)
+    if not writer:
         return {}
-    expected = {name: tuple(param.shape) for name, param in model.named_parameters() if param.requires_grad}
-    got = {name: tuple(tensor.shape) for name, tensor in gathered.items()}
-    if got != expected:
-        missing = sorted(set(expected) - set(got))
-        wrong = sorted(name for name in set(expected) & set(got) if got[name] != expected[name])
-        raise PartialAdapterError(
-            f"the adapter gathered from the processes is not whole: {len(missing)} of {len(expected)} tensors "
-            f"missing{' (' + missing[0] + ', ...)' if missing else ''}, {len(wrong)} at a shard's shape"
-            f"{' (' + wrong[0] + f': {got[wrong[0]]} instead of {expected[wrong[0]]})' if wrong else ''}")
+    check_whole(gathered, expected)
     return gathered
+
+
+def check_whole(gathered: dict[str, Any], expected: dict[str, tuple[int, ...]]) -> None:
+    """Raise :class:`PartialAdapterError` unless ``gathered`` holds every ``expected`` name at its shape."""
+    got = {name: tuple(tensor.shape) for name, tensor in gathered.items()}
+    if got == expected:
+        return
+    missing = sorted(set(expected) - set(got))
+    wrong = sorted(name for name in set(expected) & set(got) if got[name] != expected[name])
+    raise PartialAdapterError(
+        f"the adapter gathered from the processes is not whole: {len(missing)} of {len(expected)} tensors "
+        f"missing{' (' + missing[0] + ', ...)' if missing else ''}, {len(wrong)} at a shard's shape"
+        f"{' (' + wrong[0] + f': {got[wrong[0]]} instead of {expected[wrong[0]]})' if wrong else ''}; nothing "
+        "was saved")

@@ -75,25 +75,22 @@ def test_the_saved_adapter_gives_the_logits_of_one_process_trained_alike(sharded
     assert (got - untrained).abs().max() > 1e-3  # the adapter moved: equal logits are not the base model's
 
 
-def test_a_partial_gather_is_refused(monkeypatch):
-    """What a save of one process's shard would hold: half of each tensor. It is refused, not written."""
-    import torch.distributed.checkpoint.state_dict as dcp_state_dict
+def test_a_partial_gather_is_refused():
+    """What a save of one process's shard would hold: half of each tensor, or nothing. Refused, not written."""
+    from peft import LoraConfig, get_peft_model
 
     from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
-    from peft import LoraConfig, get_peft_model
-
     model = get_peft_model(build_tiny_model(build_tiny_tokenizer()),
                            LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM"))
-    whole = fsdp.adapter_state_dict(model)
+    whole = fsdp.adapter_state_dict(model)  # not sharded: every tensor as it is
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters() if p.requires_grad}
     assert len(whole) == 4 and all(t.device.type == "cpu" for t in whole.values())
-    monkeypatch.setattr(dcp_state_dict, "get_model_state_dict",
-                        lambda model, options: {k: v[: v.shape[0] // 2] for k, v in whole.items()})
+    fsdp.check_whole(whole, expected)
     with pytest.raises(fsdp.PartialAdapterError, match="4 at a shard's shape"):
-        fsdp.adapter_state_dict(model)
-    monkeypatch.setattr(dcp_state_dict, "get_model_state_dict", lambda model, options: {})
+        fsdp.check_whole({k: v[: v.shape[0] // 2] for k, v in whole.items()}, expected)
     with pytest.raises(fsdp.PartialAdapterError, match="4 of 4 tensors missing"):
-        fsdp.adapter_state_dict(model)
+        fsdp.check_whole({}, expected)
 
 
 def test_under_fsdp_the_trainer_saves_the_gathered_adapter(tmp_path, monkeypatch):
