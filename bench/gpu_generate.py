@@ -96,7 +96,7 @@ def measure(args) -> None:
         name = f"package, batch {args.batch_size}, prefix sharing {'on' if sharing else 'off'}"
         texts[name] = [r.text for r in results]
         new = sum(len(generator.tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in results)
-        _result(name, seconds, len(convs), new, unsloth_inference=generator.unsloth_inference,
+        _result(name, seconds, len(convs), new, unsloth_inference=getattr(generator, "unsloth_inference", False),
                 finished_by_stop=sum(r.finish_reason == "eos" for r in results))
     for batch in (args.batch_size, 1):
         outputs, seconds = _timed(lambda: _plain(generator, prompts, args.max_new_tokens, batch))
@@ -135,7 +135,7 @@ def unsloth(args) -> None:
                                           "error": f"{type(error).__name__}: {str(error)[:300]}"}), flush=True)
             return
         new = sum(len(generator.tokenizer(r.text, add_special_tokens=False)["input_ids"]) for r in results)
-        extra = {"unsloth_inference": generator.unsloth_inference, "load_s": round(load_s, 1)}
+        extra = {"unsloth_inference": getattr(generator, "unsloth_inference", False), "load_s": round(load_s, 1)}
         if args.compare and os.path.exists(args.compare):
             reference = json.load(open(args.compare))[f"package, batch {args.batch_size}, prefix sharing off"]
             extra["same_text_as_package"] = sum(a == r.text for a, r in zip(reference, results))
