@@ -77,7 +77,8 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
     text = open(log).read()
     result = {"variant": name, "flags": " ".join(flags), "wall_s": round(time.time() - start, 1),
               "attention": _logged(text, r"Attention: (\S+)"), "plan": _logged(text, r"(Memory plan: .*)"),
-              "sharing": _logged(text, r"(Prefix sharing: .*)")}
+              "sharing": _logged(text, r"(Prefix sharing: .*)"),
+              "flex_fallback": _logged(text, r"(FlexAttention could not run compiled.*)")}
     if code != 0:
         result["error"] = f"exit {code}: " + text[-400:]
     else:
@@ -167,6 +168,9 @@ def check(lengths: tuple[int, ...] = (300, 420, 555, 700)) -> dict:
     except ImportError:
         pass
     result["dynamo_stats"] = counters
+    from hf_instruct_tune import packing
+
+    result["compiled_flex_runs"] = {str(k): v for k, v in packing._COMPILED_FLEX_WORKS.items()}
     result["ok"] = all(r["loss_rel_diff"] < 1e-3 and r["grad_max_rel_diff"] < 2e-2 for r in result["runs"])
     print("RESULT " + json.dumps(result), flush=True)
     return result
@@ -188,7 +192,8 @@ def table(results: list[dict]) -> str:
             lines.append(f"| {label} | failed: {run['error'][-80:].strip()} | | | | | |")
         else:
             plan = (run.get("plan") or "").split("; ")
-            lines.append(f"| {label} | {run.get('attention')} | {run['real_tokens_per_s']:,.0f} | {run['step_s']:.2f} | "
+            attention = f"{run.get('attention')}{' (dense fallback)' if run.get('flex_fallback') else ''}"
+            lines.append(f"| {label} | {attention} | {run['real_tokens_per_s']:,.0f} | {run['step_s']:.2f} | "
                          f"{run['first_steps_s']:.1f} | {run['peak_alloc_gib']:.1f} | {'; '.join(plan[1:3])} |")
     if shared and plain and "error" not in shared and "error" not in plain:
         lines += ["", f"Speed-up: {shared['real_tokens_per_s'] / plain['real_tokens_per_s']:.2f}x real tokens/s. "

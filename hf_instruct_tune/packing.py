@@ -147,8 +147,9 @@ def register_varlen_attention() -> str:
     :func:`hf_instruct_tune.prefix_sharing.tree_block_mask`; transformers passes a 4-D mask through unchanged)
     runs ``flex_attention`` instead, computing only the blocks the mask lets through. On CUDA it is compiled once
     per process with dynamic shapes, so rows of any length reuse the same kernels (no padding to a bucket; the
-    first steps pay for the compilation). Elsewhere it runs eagerly, and with gradients (FlexAttention has no CPU
-    backward) as ``sdpa`` over the dense mask of the same ``mask_mod``.
+    first steps pay for the compilation); where the compiled kernels cannot run (probed once, with a warning) and
+    on CPU with gradients (FlexAttention has no CPU backward) it runs as ``sdpa`` over the dense mask of the same
+    ``mask_mod``; on CPU without gradients as eager ``flex_attention``.
     """
     from transformers import AttentionInterface
 
@@ -220,6 +221,43 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=True)
 
 
+_COMPILED_FLEX_WORKS: dict[tuple, bool] = {}
+
+
+def _compiled_flex_works(query: torch.Tensor, key: torch.Tensor) -> bool:
+    """Whether the compiled ``flex_attention`` runs forward and backward for tensors like these, probed once per
+    device, dtype and head layout (a GPU with too little shared memory for its kernels fails); if not, a warning
+    says so and shared-prefix batches attend with ``sdpa`` over the dense mask instead."""
+    signature = (str(query.device), query.dtype, query.shape[1], key.shape[1], query.shape[-1])
+    if signature not in _COMPILED_FLEX_WORKS:
+        _COMPILED_FLEX_WORKS[signature] = _probe_compiled_flex(*signature)
+    return _COMPILED_FLEX_WORKS[signature]
+
+
+@torch.compiler.disable
+def _probe_compiled_flex(device: str, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
+    from .prefix_sharing import build_prefix_tree, tree_block_mask
+
+    # a shared prefix and two rests, laid out and masked as a training batch is, so the kernels compiled here
+    # (dynamic shapes) are the ones training reuses
+    tree = build_prefix_tree([[1] * 200 + [2] * 60, [1] * 200 + [3] * 61])
+    length = len(tree.tokens)
+    try:
+        block_mask = tree_block_mask(torch.tensor(tree.node_of_token, device=device), tree.ancestors().to(device))
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            q, k, v = (torch.randn(1, length, h, dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
+                       for h in (heads, kv_heads, kv_heads))
+            out = _compiled_flex_attention()(q, k, v, block_mask=block_mask, scale=dim**-0.5,
+                                             enable_gqa=heads != kv_heads)
+            out.float().sum().backward()
+        return True
+    except Exception as error:  # noqa: BLE001 - any failure to compile or run means: use the dense path
+        warnings.warn(f"FlexAttention could not run compiled on {device} ({type(error).__name__}: "
+                      f"{str(error).strip()[:200]}); shared-prefix batches attend with sdpa over a dense mask instead "
+                      "(the same results, more work).", stacklevel=2)
+        return False
+
+
 def _block_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
                           scaling: float | None) -> torch.Tensor:
     """``flex_attention`` of ``[B, H, T, D]`` tensors under ``block_mask``, as ``[B, T, H, D]``."""
@@ -227,9 +265,9 @@ def _block_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
 
     gqa = key.shape[1] != query.shape[1]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
-    if query.device.type == "cuda":
+    if query.device.type == "cuda" and _compiled_flex_works(query, key):
         out = _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
-    elif needs_grad:
+    elif needs_grad or query.device.type != "cpu":
         t, s = query.shape[2], key.shape[2]
         dense = create_mask(block_mask.mask_mod, 1, 1, t, s, device=query.device)
         out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense, scale=scaling,

@@ -8,6 +8,7 @@ the mask's own ``mask_mod`` (FlexAttention has no CPU backward), without them as
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -154,6 +155,19 @@ def test_flex_attention_itself_gives_the_loss_of_separate_rows(block_mask_calls)
         shared_loss, _ = shared_prefix_loss(model, share_prefixes(rows, compact=True))
     assert block_mask_calls
     assert_close(shared_loss, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_kernels_that_cannot_run_compiled_are_found_once_with_a_warning(monkeypatch):
+    """The probe of the compiled kernels (forward and backward); the CPU has no FlexAttention backward, so it fails
+    here as it would on a GPU whose kernels do not fit, and the dense path takes over."""
+    monkeypatch.setattr(packing, "_COMPILED_FLEX_WORKS", {})
+    query, key = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 3, 16)
+    with pytest.warns(UserWarning, match="could not run compiled.*sdpa over a dense mask"):
+        assert packing._compiled_flex_works(query, key) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert packing._compiled_flex_works(query, key) is False  # probed once
+    assert list(packing._COMPILED_FLEX_WORKS) == [("cpu", torch.float32, 4, 2, 16)]
 
 
 def test_varlen_attention_refuses_a_dense_mask():
