@@ -66,6 +66,7 @@ class AdapterGenerator:
             raise InputError("the adapter does not record its base model; pass --model", source=str(adapter_dir))
         base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self.model = load_adapter(base_model, adapter_dir).to(_generation_device()).eval()
+        self._kept_prefix: tuple[list[int], Any] | None = None  # a shared prompt prefix and its KV cache
         self._use_unsloth_inference()
 
     def _use_unsloth_inference(self) -> None:
@@ -86,16 +87,24 @@ class AdapterGenerator:
         """Generate one response per conversation (the messages before the assistant's answer).
 
         With ``prefix_sharing``, the token prefix that the prompts of a batch share (a preamble, a system
-        prompt) is run through the model once, and its KV cache serves every row of the batch (not with
-        Unsloth's fast inference, which keeps its own cache).
+        prompt) is run through the model once, and its KV cache serves every row of the batch, and the next
+        batches that share the same prefix (not with Unsloth's fast inference, which keeps its own cache).
         """
+        results: list[Generation] = []
+        prompts = [self.encoder.encode_prompt(messages) for messages in conversations]
+        try:
+            self._generate_batches(prompts, results, max_new_tokens, batch_size, prefix_sharing)
+        finally:
+            self._kept_prefix = None  # the prefix's cache lives for one call
+        return results
+
+    def _generate_batches(self, prompts: list[list[int]], results: list[Generation], max_new_tokens: int,
+                          batch_size: int, prefix_sharing: bool) -> None:
         import torch
         from transformers import StoppingCriteriaList
 
         from .generation_progress import GenerationProgress
 
-        results: list[Generation] = []
-        prompts = [self.encoder.encode_prompt(messages) for messages in conversations]
         stop_id = self.encoder.stop_token_id
         device = self.model.device
         for start in range(0, len(prompts), batch_size):
@@ -120,15 +129,24 @@ class AdapterGenerator:
                     results.append(Generation(self._decode(row[: row.index(stop_id)]), "eos"))
                 else:
                     results.append(Generation(_without_a_cut_character(self._decode(row)), "length"))
-        return results
 
     def _prefix_cache(self, prefix: list[int], rows: int):
-        """The KV cache of ``prefix``, computed once and repeated for ``rows`` rows."""
+        """The KV cache of ``prefix`` repeated for ``rows`` rows; the prefix runs through the model once and is
+        kept for the next batch that shares it (or a part of it)."""
+        import copy
+
         import torch
 
-        with torch.no_grad():
-            output = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True)
-        cache = output["cache"] if _cache_keyword() == "cache" else output.past_key_values
+        kept = self._kept_prefix
+        if kept is None or kept[0][:len(prefix)] != prefix:
+            with torch.no_grad():  # only the cache is wanted: the head runs on the last token alone
+                output = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
+                                    logits_to_keep=1)
+            kept = self._kept_prefix = (list(prefix), output["cache"] if _cache_keyword() == "cache"
+                                        else output.past_key_values)
+        cache = copy.deepcopy(kept[1])  # generate extends the cache it is given
+        if len(kept[0]) > len(prefix):
+            cache.crop(len(prefix))
         cache.batch_repeat_interleave(rows)
         return cache
 

@@ -292,8 +292,9 @@ def test_generate_reuses_the_shared_prompt_prefix_and_answers_the_same(tmp_path,
     prefix_cache = AdapterGenerator._prefix_cache
 
     def counted(self, prefix, rows):
-        calls.append((len(prefix), rows))
-        return prefix_cache(self, prefix, rows)
+        cache = prefix_cache(self, prefix, rows)
+        calls.append((len(prefix), rows, id(self._kept_prefix[1])))
+        return cache
 
     monkeypatch.setattr(AdapterGenerator, "_prefix_cache", counted)
     scores = []
@@ -306,7 +307,9 @@ def test_generate_reuses_the_shared_prompt_prefix_and_answers_the_same(tmp_path,
 
     monkeypatch.setattr(generator.model, "generate", scored)
     shared = generator.generate(conversations, max_new_tokens=6, batch_size=3)
-    assert [rows for _, rows in calls] == [3, 2]  # one prefix pass per batch, its cache used by every row
+    assert [rows for _, rows, _ in calls] == [3, 2]  # the prefix's cache used by every row of each batch
+    assert calls[0][0] == calls[1][0] and calls[0][2] == calls[1][2]  # one prefix pass, kept for the next batch
+    assert generator._kept_prefix is None  # and dropped once generate returns
     plain = generator.generate(conversations, max_new_tokens=6, batch_size=3, prefix_sharing=False)
     assert len(calls) == 2
     assert [(g.text, g.finish_reason) for g in shared] == [(g.text, g.finish_reason) for g in plain]
