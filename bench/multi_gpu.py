@@ -93,7 +93,7 @@ def sharded_logits(model_dir: str, adapter: str) -> dict:
     four_bit = bool(TrainingMetadata.load(adapter).training.get("load_in_4bit"))
     kwargs = {"dtype": torch.bfloat16}
     if four_bit:
-        kwargs.update(quantization_config=nf4_config(), device_map={"": device})
+        kwargs.update(quantization_config=nf4_config(), device_map={"": accelerator.local_process_index})
     base_model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     if not four_bit:
         base_model.to(device)

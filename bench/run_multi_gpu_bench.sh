@@ -6,6 +6,10 @@
 # GPU are compared with the same weights sharded as in training (bench/multi_gpu.py sharded-logits). Results:
 # $OUT/multi_gpu.json, $OUT/adapters.json, $OUT/sharded.jsonl.
 set -uo pipefail
+# each step under its own timeout, cut to what is left of BUDGET_S for the whole script (default 540 s), less
+# RESERVE seconds (2nd argument) kept for the adapter check at the end
+DEADLINE=$((SECONDS + ${BUDGET_S:-540}))
+limit() { local left=$((DEADLINE - SECONDS - ${2:-0})); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -15,11 +19,11 @@ export PYTHONPATH=/tmp/site:/tmp/pkg
 OUT=${OUT:-/tmp/multi-gpu-bench}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; N=${NPROC:-2}; DATA=/tmp/frontier_rows.jsonl
 mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader; nvidia-smi topo -m | head -4
-python3 -c "import torch, transformers, accelerate, peft, trl, bitsandbytes as b; print('versions:', *(f'{m.__name__} {m.__version__}' for m in (torch, transformers, accelerate, peft, trl, b)))"
-[ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1
+for p in torch transformers accelerate peft trl bitsandbytes; do python3 -c "import importlib.metadata as m; print('$p', m.version('$p'))" 2>/dev/null || echo "$p missing"; done | paste -sd' ' 
+[ -f $M/config.json ] || timeout $(limit 200 90) python3 bench/gpu_bench.py make $M 2>&1 | tail -1
 [ -f $DATA ] || python3 bench/gpu_frontier.py data $DATA
 ROWS="--batch-size 16 --grad-accum 1"
-run() { name=$1; shift; timeout ${RUN_TIMEOUT:-200} python3 bench/gpu_frontier.py cli $name $M $DATA $OUT $ROWS "$@" \
+run() { name=$1; shift; timeout $(limit ${RUN_TIMEOUT:-200} 90) python3 bench/gpu_frontier.py cli $name $M $DATA $OUT $ROWS "$@" \
   2>&1 | grep "^RESULT" | sed 's/^RESULT //' >> $OUT/multi_gpu.jsonl; tail -c 600 $OUT/log_cli_$name.txt | grep -iE "error|memory plan" ; }
 # SETTINGS="name flags;name flags;..." replaces the list; ONLY=REGEX keeps the settings whose name matches
 # (ONLY='qlora|bf16': one GPU and FSDP, bf16 LoRA and QLoRA; ONLY=ddp: the DDP runs)
@@ -36,14 +40,14 @@ done
 # each FSDP adapter: its logits on one GPU against the same weights sharded over N GPUs as in training
 for adapter in $OUT/adapter_*fsdp*; do
   [ -f $adapter/adapter_model.safetensors ] || continue
-  timeout ${CHECK_TIMEOUT:-150} python3 -m accelerate.commands.launch --config_file examples/accelerate_fsdp.yaml \
+  timeout $(limit ${CHECK_TIMEOUT:-150} 90) python3 -m accelerate.commands.launch --config_file examples/accelerate_fsdp.yaml \
     --num_processes $N bench/multi_gpu.py sharded-logits $M $adapter > $OUT/sharded_${adapter##*adapter_}.txt 2>&1
   grep "^RESULT" $OUT/sharded_${adapter##*adapter_}.txt | sed 's/^RESULT //' >> $OUT/sharded.jsonl \
     || tail -5 $OUT/sharded_${adapter##*adapter_}.txt
 done
 python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
   $OUT/multi_gpu.jsonl > $OUT/multi_gpu.json
-timeout 240 python3 bench/multi_gpu.py adapters $M $OUT > $OUT/adapters.json 2>$OUT/adapters_err.txt || tail -5 $OUT/adapters_err.txt
+timeout $(limit 240) python3 bench/multi_gpu.py adapters $M $OUT > $OUT/adapters.json 2>$OUT/adapters_err.txt || tail -5 $OUT/adapters_err.txt
 python3 bench/multi_gpu.py table $OUT/multi_gpu.json $OUT/adapters.json
 [ -f $OUT/sharded.jsonl ] && cat $OUT/sharded.jsonl
 # optional, on GPU 0 afterwards: DIAG="name flags;..." single-GPU CLI runs, PROFILE=1 the step profile
