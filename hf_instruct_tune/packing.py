@@ -221,6 +221,21 @@ def _compiled_flex_attention():
     return torch.compile(flex_attention, dynamic=True)
 
 
+_BLOCK_TENSORS = ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks", "q_indices",
+                  "full_q_num_blocks", "full_q_indices")
+
+
+def _blocks_of_any_count(block_mask: Any) -> Any:
+    """Mark the block counts of ``block_mask`` dynamic: ``dynamic=True`` alone compiles the first call for its
+    number of blocks and recompiles at the second."""
+    for name in _BLOCK_TENSORS:
+        tensor = getattr(block_mask, name, None)
+        if tensor is not None:
+            for dim in range(2, tensor.dim()):
+                torch._dynamo.maybe_mark_dynamic(tensor, dim)
+    return block_mask
+
+
 _COMPILED_FLEX_WORKS: dict[tuple, bool] = {}
 
 
@@ -238,12 +253,14 @@ def _compiled_flex_works(query: torch.Tensor, key: torch.Tensor) -> bool:
 def _probe_compiled_flex(device: str, dtype: torch.dtype, heads: int, kv_heads: int, dim: int) -> bool:
     from .prefix_sharing import build_prefix_tree, tree_block_mask
 
-    # a shared prefix and two rests, laid out and masked as a training batch is, so the kernels compiled here
-    # (dynamic shapes) are the ones training reuses
-    tree = build_prefix_tree([[1] * 200 + [2] * 60, [1] * 200 + [3] * 61])
+    # a prefix tree laid out and masked as a training batch is, so the kernels compiled here (dynamic shapes) are
+    # the ones training reuses; its sizes (351 tokens, 5 nodes, 3 blocks) differ, or the compiler would tie them
+    prefix, instruction = [1] * 200, [2] * 40
+    tree = build_prefix_tree([prefix + instruction + [3] * 30, prefix + instruction + [4] * 31, prefix + [5] * 50])
     length = len(tree.tokens)
     try:
-        block_mask = tree_block_mask(torch.tensor(tree.node_of_token, device=device), tree.ancestors().to(device))
+        block_mask = _blocks_of_any_count(tree_block_mask(torch.tensor(tree.node_of_token, device=device),
+                                                          tree.ancestors().to(device)))
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
             q, k, v = (torch.randn(1, length, h, dim, device=device, dtype=dtype).transpose(1, 2).requires_grad_()
                        for h in (heads, kv_heads, kv_heads))
@@ -266,7 +283,8 @@ def _block_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     gqa = key.shape[1] != query.shape[1]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
     if query.device.type == "cuda" and _compiled_flex_works(query, key):
-        out = _compiled_flex_attention()(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=gqa)
+        out = _compiled_flex_attention()(query, key, value, block_mask=_blocks_of_any_count(block_mask), scale=scaling,
+                                         enable_gqa=gqa)
     elif needs_grad or query.device.type != "cpu":
         t, s = query.shape[2], key.shape[2]
         dense = create_mask(block_mask.mask_mod, 1, 1, t, s, device=query.device)
