@@ -73,6 +73,17 @@ class ModelShape:
                    vocab=text.vocab_size, weight_bytes=weights, embedding_bytes=embedding_bytes,
                    trainable_params=trainable_params)
 
+    def sharded(self, processes: int) -> ModelShape:
+        """One process's share under FSDP over ``processes``: the weights and the adapter divided among them,
+        plus two decoder layers gathered whole (the one computing and the one prefetched)."""
+        if processes <= 1:
+            return self
+        layer_bytes = (self.weight_bytes - self.embedding_bytes) / self.layers  # the output head spread over layers
+        return dataclasses.replace(
+            self, weight_bytes=int(self.weight_bytes / processes + 2 * layer_bytes),
+            embedding_bytes=self.embedding_bytes // processes,
+            trainable_params=math.ceil(self.trainable_params / processes))
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -266,7 +277,7 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
     """
     import torch
 
-    from .launch import local_rank, world_size
+    from .launch import fsdp_launched, local_rank, world_size
 
     cuda = torch.cuda.is_available() and not getattr(args, "use_cpu", False)
     if max_memory is not None:
@@ -278,6 +289,8 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
     sample = dataset.select(range(min(len(dataset), sample_rows))) if hasattr(dataset, "select") else dataset
     lengths = [len(ids) for ids in sample["input_ids"]]
     shape = ModelShape.of(model, trainable_params=_trainable_params(model, peft_config))
+    if fsdp_launched():
+        shape = shape.sharded(world_size())
     if fixed.embeddings_on_cpu is None and _embeddings_in_cpu_memory(model):
         fixed = dataclasses.replace(fixed, embeddings_on_cpu=True)
     return plan_memory(

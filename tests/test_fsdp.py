@@ -205,3 +205,49 @@ def test_fsdp1_and_sharded_state_dicts_are_refused():
     with pytest.raises(InputError, match="set `fsdp_state_dict_type: FULL_STATE_DICT`"):
         fsdp.check_plugin(SimpleNamespace(fsdp_version=2, state_dict_type="SHARDED_STATE_DICT"))
     fsdp.check_plugin(FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT"))
+
+
+PAPER_SHAPES = {  # docs/multi_gpu.md, "Memory per GPU, on paper": (base GiB, adapter parameters, layers, hidden, MLP)
+    ("8B", "QLoRA"): (5.4, 41_943_040, 32, 4096, 14336), ("8B", "bf16"): (14.9, 41_943_040, 32, 4096, 14336),
+    ("70B", "QLoRA"): (36.0, 207_093_760, 80, 8192, 28672), ("70B", "bf16"): (130.0, 207_093_760, 80, 8192, 28672),
+}
+
+
+def test_the_memory_table_on_paper_is_the_estimate(monkeypatch):
+    """Every DDP and FSDP cell of the docs' table is ``estimate_bytes`` at 4,096 tokens, all layers checkpointed."""
+    import re
+
+    from hf_instruct_tune.memory_plan import GIB, ModelShape, estimate_bytes
+
+    monkeypatch.setattr("hf_instruct_tune.memory_plan._cut_cross_entropy", lambda: True)  # as on the H200
+    rows = re.findall(r"^\| (8B|70B) \| (DDP|FSDP), (QLoRA|bf16) [^|]*\| ([\d.]+)[^|]*\| ([\d.]+) \| ([\d.]+) \|$",
+                      (ROOT / "docs" / "multi_gpu.md").read_text(encoding="utf-8"), flags=re.MULTILINE)
+    assert len(rows) == 8
+    for model, strategy, kind, *cells in rows:
+        base, adapter, layers, hidden, mlp = PAPER_SHAPES[model, kind]
+        shape = ModelShape(layers=layers, hidden=hidden, intermediate=mlp, vocab=128256, weight_bytes=int(base * GIB),
+                           embedding_bytes=128256 * hidden * 2, trainable_params=adapter)
+        for gpus, cell in zip((2, 4, 8), cells):
+            share = shape.sharded(gpus) if strategy == "FSDP" else shape
+            gib = estimate_bytes(share, tokens=4096, checkpointed_layers=layers, fused_loss=True,
+                                 embeddings_on_cpu=False) / GIB
+            assert round(gib, 1) == float(cell), (model, strategy, kind, gpus)
+
+
+def test_under_fsdp_the_memory_plan_budgets_for_one_share(monkeypatch):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from hf_instruct_tune.memory_plan import plan_for_trainer
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(build_tiny_tokenizer(), hidden_size=256, num_layers=4)
+    args = SFTConfig(output_dir="unused", use_cpu=True, bf16=False, report_to=[], per_device_train_batch_size=2)
+    data = Dataset.from_dict({"input_ids": [[1] * 64] * 8})
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    whole = plan_for_trainer(model, args, data, packed=False, max_memory=1.0).estimate_gib
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    share = plan_for_trainer(model, args, data, packed=False, max_memory=1.0).estimate_gib
+    weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    assert whole - share > 0.5 * weights  # three quarters of the weights are on the other processes
