@@ -13,7 +13,7 @@ usage (on the GPU machine, see bench/run_prefix_sharing_gpu.sh):
   python bench/prefix_sharing_gpu.py data OUT.jsonl [--prefix-tokens N] [--rows N]
   python bench/prefix_sharing_gpu.py check                       # tiny model: compiled flex == padded sdpa
   python bench/prefix_sharing_gpu.py cli NAME MODEL_DIR DATA OUTDIR [FLAGS...]  # one CLI run -> RESULT line
-  python bench/prefix_sharing_gpu.py table RESULTS.json          # the BENCHMARKS.md rows (markdown)
+  python bench/prefix_sharing_gpu.py table RESULTS.json [--write BENCHMARKS.md --date D]  # the BENCHMARKS.md rows
 On CPU, `check` runs the same comparison on the eager branch, and `cli` with a tiny model (BENCH_TINY=1
 `gpu_bench.py make DIR`) checks the plumbing.
 """
@@ -210,6 +210,32 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GPU_HEADING = "### GPU: 8B QLoRA with a 1,000-token shared system prompt"
+
+
+def write_section(markdown: str, path: str = "BENCHMARKS.md", date: str | None = None) -> None:
+    """Put ``markdown`` under :data:`GPU_HEADING` at the end of the "## Prefix sharing" section of ``path``,
+    replacing that subsection when it is there already."""
+    text = open(path).read()
+    heading = f"{GPU_HEADING}{', ' + date if date else ''}"
+    block = f"{heading}\n\n{markdown.strip()}\n"
+    start = text.find("\n" + GPU_HEADING)
+    if start >= 0:
+        following = [i for i in (text.find("\n### ", start + 1), text.find("\n## ", start + 1)) if i >= 0]
+        end = min(following) if following else len(text)
+        text = text[:start + 1] + block + text[end:]
+    else:
+        section = text.find("\n## Prefix sharing")
+        if section < 0:
+            text = text.rstrip("\n") + "\n\n## Prefix sharing\n\n" + block
+        else:
+            after = text.find("\n## ", section + 1)
+            end = after if after >= 0 else len(text)
+            text = text[:end].rstrip("\n") + "\n\n" + block + text[end:]
+    with open(path, "w") as fh:
+        fh.write(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -223,6 +249,8 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(name)
     p = sub.add_parser("table")
     p.add_argument("results")
+    p.add_argument("--write", metavar="BENCHMARKS_MD", help="also put the rows into this file's Prefix sharing section")
+    p.add_argument("--date", help="the date of the run, for the heading")
     args, rest = parser.parse_known_args(argv)
     if args.command == "cli":
         cli(args.name, args.model_dir, args.data_file, args.outdir, rest)
@@ -234,7 +262,10 @@ def main(argv: list[str] | None = None) -> None:
     elif args.command == "check":
         check()
     else:
-        print(table(json.load(open(args.results))))
+        markdown = table(json.load(open(args.results)))
+        print(markdown)
+        if args.write:
+            write_section(markdown, args.write, args.date)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 # of the compiled flex-attention path against padded sdpa, then the CLI with default flags and --load-in-4bit,
 # --prefix-sharing and --no-prefix-sharing, on the same rows. Each part has its own timeout; a failure is logged
 # and the next part runs. Results: $OUT/prefix_sharing_gpu.json; the BENCHMARKS.md rows:
-#   python bench/prefix_sharing_gpu.py table $OUT/prefix_sharing_gpu.json
+#   python bench/prefix_sharing_gpu.py table prefix_sharing_gpu.json --write BENCHMARKS.md --date YYYY-MM-DD
 set -uo pipefail
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
