@@ -132,21 +132,19 @@ class AdapterGenerator:
 
     def _prefix_cache(self, prefix: list[int], rows: int):
         """The KV cache of ``prefix`` repeated for ``rows`` rows; the prefix runs through the model once and is
-        kept for the next batch that shares it (or a part of it)."""
+        kept for the next batch with the same prefix."""
         import copy
 
         import torch
 
         kept = self._kept_prefix
-        if kept is None or kept[0][:len(prefix)] != prefix:
+        if kept is None or kept[0] != prefix:
             with torch.no_grad():  # only the cache is wanted: the head runs on the last token alone
                 output = self.model(input_ids=torch.tensor([prefix], device=self.model.device), use_cache=True,
                                     logits_to_keep=1)
             kept = self._kept_prefix = (list(prefix), output["cache"] if _cache_keyword() == "cache"
                                         else output.past_key_values)
         cache = copy.deepcopy(kept[1])  # generate extends the cache it is given
-        if len(kept[0]) > len(prefix):
-            cache.crop(len(prefix))
         cache.batch_repeat_interleave(rows)
         return cache
 

@@ -316,6 +316,14 @@ def test_generate_reuses_the_shared_prompt_prefix_and_answers_the_same(tmp_path,
     for shared_scores, plain_scores in zip(scores[:2], scores[2:]):
         assert_close(shared_scores, plain_scores, rtol=1e-4, atol=1e-4)
 
+    # a batch with another prefix gets a pass of its own
+    prefix = prompts[0][:shared_prompt_length(prompts[:3])]
+    generator._kept_prefix = None
+    generator._prefix_cache(prefix, 2)
+    kept = generator._kept_prefix
+    assert generator._prefix_cache(prefix[:-3], 2).get_seq_length() == len(prefix) - 3
+    assert generator._kept_prefix is not kept and generator._kept_prefix[0] == prefix[:-3]
+
 
 @pytest.mark.slow
 def test_smollm2_seed_rows_shared_equal_separate():
