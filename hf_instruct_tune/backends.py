@@ -88,22 +88,20 @@ def check_4bit() -> None:
                          "on this machine.", field="load_in_4bit")
 
 
-def nf4_config(dtype: Any = None, *, for_fsdp: bool | None = None):
-    """The ``BitsAndBytesConfig`` used for 4-bit: NF4, double quantization, bf16 compute.
+def nf4_config(dtype: Any = None):
+    """The ``BitsAndBytesConfig`` used for 4-bit: NF4, double quantization, bf16 compute, ``uint8`` storage.
 
-    ``for_fsdp`` (default: when ``accelerate launch`` started this process with FSDP) stores the packed 4-bit
-    weights in the compute dtype (``bnb_4bit_quant_storage``), so that FSDP shards them with the rest of the
-    model; with the default ``uint8`` storage every GPU would keep the whole 4-bit base.
+    Under FSDP the packed 4-bit weights stay whole on every GPU (accelerate leaves ``uint8`` weights out of
+    sharding) while the rest of the model is sharded: storing them in bf16 lets FSDP2 shard them, but the
+    sharded layers then compute wrong outputs (their quantization state is lost; bitsandbytes issue #1945,
+    measured in BENCHMARKS.md "Multi-GPU").
     """
     import torch
     from transformers import BitsAndBytesConfig
 
-    from hf_instruct_tune.launch import fsdp_launched
-
     dtype = dtype or torch.bfloat16
-    storage = dtype if (fsdp_launched() if for_fsdp is None else for_fsdp) else torch.uint8
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
 
 
 def load_for_training(

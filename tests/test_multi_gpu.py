@@ -1,4 +1,4 @@
-"""Multi-GPU safeguards: 4-bit storage that FSDP can shard, the loss under FSDP, and no empty adapter saved."""
+"""Multi-GPU safeguards: 4-bit weights left whole under FSDP, the loss under FSDP, and no empty adapter saved."""
 
 from __future__ import annotations
 
@@ -6,14 +6,15 @@ import pytest
 import torch
 
 
-def test_4bit_storage_follows_fsdp(monkeypatch):
+def test_4bit_weights_stay_unsharded_under_fsdp(monkeypatch):
+    """uint8 storage under FSDP too: accelerate then keeps the 4-bit weights whole on every GPU, since sharded
+    bitsandbytes weights lose their quantization state and compute wrong outputs."""
     from hf_instruct_tune.backends import nf4_config
 
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert nf4_config().bnb_4bit_quant_storage == torch.uint8
-    assert nf4_config(for_fsdp=True).bnb_4bit_quant_storage == torch.bfloat16  # shards flatten with bf16 weights
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
-    assert nf4_config().bnb_4bit_quant_storage == torch.bfloat16
+    assert nf4_config().bnb_4bit_quant_storage == torch.uint8
 
 
 def test_loss_goes_through_the_sharded_head_under_fsdp(monkeypatch):
