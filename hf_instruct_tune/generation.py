@@ -67,20 +67,6 @@ class AdapterGenerator:
         base_model = load_base_model(resolve_model(base), trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self.model = load_adapter(base_model, adapter_dir).to(_generation_device()).eval()
         self._kept_prefix: tuple[list[int], Any] | None = None  # a shared prompt prefix and its KV cache
-        self._use_unsloth_inference()
-
-    def _use_unsloth_inference(self) -> None:
-        import importlib.util
-
-        import torch
-
-        self.unsloth_inference = False
-        if (self.metadata.training.get("backend") == "unsloth" and torch.cuda.is_available()
-                and importlib.util.find_spec("unsloth")):
-            from unsloth import FastLanguageModel
-
-            FastLanguageModel.for_inference(self.model)
-            self.unsloth_inference = True
 
     def generate(self, conversations: Sequence[Sequence[Mapping]], *, max_new_tokens: int = 256,
                  batch_size: int = 8, prefix_sharing: bool = True) -> list[Generation]:
@@ -88,7 +74,7 @@ class AdapterGenerator:
 
         With ``prefix_sharing``, the token prefix that the prompts of a batch share (a preamble, a system
         prompt) is run through the model once, and its KV cache serves every row of the batch, and the next
-        batches that share the same prefix (not with Unsloth's fast inference, which keeps its own cache).
+        batches that share the same prefix.
         """
         results: list[Generation] = []
         prompts = [self.encoder.encode_prompt(messages) for messages in conversations]
@@ -109,7 +95,7 @@ class AdapterGenerator:
         device = self.model.device
         for start in range(0, len(prompts), batch_size):
             chunk = prompts[start:start + batch_size]
-            shared = shared_prompt_length(chunk) if prefix_sharing and not self.unsloth_inference else 0
+            shared = shared_prompt_length(chunk) if prefix_sharing else 0
             prefix, rests = chunk[0][:shared], [ids[shared:] for ids in chunk]
             width = max(map(len, rests))
             pad = self.tokenizer.pad_token_id
