@@ -69,13 +69,16 @@ class AdapterGenerator:
         self._kept_prefix: tuple[list[int], Any] | None = None  # a shared prompt prefix and its KV cache
 
     def generate(self, conversations: Sequence[Sequence[Mapping]], *, max_new_tokens: int = 256,
-                 batch_size: int = 8, prefix_sharing: bool = True) -> list[Generation]:
+                 batch_size: int = 8, prefix_sharing: bool | None = None) -> list[Generation]:
         """Generate one response per conversation (the messages before the assistant's answer).
 
         With ``prefix_sharing``, the token prefix that the prompts of a batch share (a preamble, a system
         prompt) is run through the model once, and its KV cache serves every row of the batch, and the next
-        batches that share the same prefix.
+        batches that share the same prefix. None (default): on a CPU, where it is faster (BENCHMARKS.md
+        "Prefix sharing"), off on a GPU, where it measured slower.
         """
+        if prefix_sharing is None:
+            prefix_sharing = self.model.device.type == "cpu"
         results: list[Generation] = []
         prompts = [self.encoder.encode_prompt(messages) for messages in conversations]
         try:

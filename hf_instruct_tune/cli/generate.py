@@ -31,9 +31,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--trust-remote-code", action="store_true", help="Run code from the base model's repository.")
     parser.add_argument("--allow-pickle", action="store_true",
                         help="Accept pickle (*.bin) weights where a base model or the adapter has no safetensors.")
-    parser.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--prefix-sharing", action=argparse.BooleanOptionalAction, default=None,
                         help="Run the prompt prefix that a batch's rows share once and reuse its KV cache "
-                             "(default: on).")
+                             "(default: on a CPU, off on a GPU).")
     parser.set_defaults(func=run)
     return parser
 
