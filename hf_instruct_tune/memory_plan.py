@@ -51,6 +51,10 @@ class ModelShape:
     embedding_bytes: int
     """Bytes of the input-embedding table."""
     trainable_params: int
+    quantized_bytes: int = 0
+    """Bytes of the 4-bit weights in integer storage, part of ``weight_bytes``. FSDP leaves them whole on every
+    GPU (accelerate keeps ``uint8`` bitsandbytes weights out of sharding: sharded, they lose their quantization
+    state)."""
 
     @classmethod
     def of(cls, model, trainable_params: int | None = None) -> ModelShape:
@@ -58,6 +62,7 @@ class ModelShape:
         config = model.config
         text = getattr(config, "get_text_config", lambda: config)()
         weights = sum(t.numel() * t.element_size() for t in _tensors(model))
+        quantized = sum(p.numel() * p.element_size() for p in model.parameters() if not p.is_floating_point())
         embeddings = model.get_input_embeddings()
         table = getattr(embeddings, "weight", None)
         if table is None:
@@ -71,16 +76,18 @@ class ModelShape:
         return cls(layers=text.num_hidden_layers, hidden=hidden,
                    intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
                    vocab=text.vocab_size, weight_bytes=weights, embedding_bytes=embedding_bytes,
-                   trainable_params=trainable_params)
+                   trainable_params=trainable_params, quantized_bytes=quantized)
 
     def sharded(self, processes: int) -> ModelShape:
-        """One process's share under FSDP over ``processes``: the weights and the adapter divided among them,
-        plus two decoder layers gathered whole (the one computing and the one prefetched)."""
+        """One process's share under FSDP over ``processes``: the sharded weights and the adapter divided among
+        them, plus two decoder layers gathered whole (the one computing and the one prefetched). The 4-bit
+        weights (``quantized_bytes``) are not sharded: every process holds all of them."""
         if processes <= 1:
             return self
-        layer_bytes = (self.weight_bytes - self.embedding_bytes) / self.layers  # the output head spread over layers
+        sharded_bytes = self.weight_bytes - self.quantized_bytes
+        layer_bytes = (sharded_bytes - self.embedding_bytes) / self.layers  # the output head spread over layers
         return dataclasses.replace(
-            self, weight_bytes=int(self.weight_bytes / processes + 2 * layer_bytes),
+            self, weight_bytes=int(self.quantized_bytes + sharded_bytes / processes + 2 * layer_bytes),
             embedding_bytes=self.embedding_bytes // processes,
             trainable_params=math.ceil(self.trainable_params / processes))
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -169,3 +171,54 @@ def test_embeddings_already_in_cpu_memory_are_reported_so(monkeypatch):
     assert not plan_for_trainer(model, args, rows, packed=True, max_memory=1.0).embeddings_on_cpu
     offload_input_embeddings(model)
     assert plan_for_trainer(model, args, rows, packed=True, max_memory=1.0).embeddings_on_cpu
+
+
+# -- FSDP: one process's share ----------------------------------------------------------------------
+
+# The 8B base of the bench: 4-bit decoder layers, bf16 input embeddings and output head
+LLAMA3_8B_NF4_UNDER_FSDP = ModelShape(layers=32, hidden=4096, intermediate=14336, vocab=128256,
+                                      weight_bytes=int(5.4 * GIB), embedding_bytes=128256 * 4096 * 2,
+                                      trainable_params=41_943_040,
+                                      quantized_bytes=int(5.4 * GIB) - 2 * 128256 * 4096 * 2)
+# Peaks per GPU of the bench's FSDP runs on 2 H200s (BENCHMARKS.md "Multi-GPU", 2026-11-30), 16 rows per process,
+# no layer checkpointed, plain logits: the 4-bit weights whole (uint8 storage), and sharded (bf16 storage, whose
+# logits were wrong), on the same rows
+MEASURED_FSDP_GIB = {"4-bit whole": (33.91, 33.69), "4-bit sharded": (32.39, 32.17)}
+
+
+def test_under_fsdp_the_4bit_weights_stay_whole_on_every_gpu():
+    shape = LLAMA3_8B_NF4_UNDER_FSDP
+    rest = shape.weight_bytes - shape.quantized_bytes
+    for gpus in (2, 4, 8):
+        share = shape.sharded(gpus)
+        assert shape.quantized_bytes + rest / gpus <= share.weight_bytes < shape.quantized_bytes + rest / gpus + GIB
+        assert share.trainable_params == shape.trainable_params // gpus  # the adapter's state is sharded
+    assert shape.sharded(8).weight_bytes > 0.6 * shape.weight_bytes  # most of a 4-bit base is its 4-bit layers
+
+
+def test_the_fsdp_estimate_is_close_to_the_measured_peaks(monkeypatch):
+    monkeypatch.setattr("hf_instruct_tune.memory_plan._cut_cross_entropy", lambda: True)
+    options = dict(tokens=BENCH_STEP_TOKENS, checkpointed_layers=0, fused_loss=False, embeddings_on_cpu=False)
+    whole = estimate_bytes(LLAMA3_8B_NF4_UNDER_FSDP.sharded(2), **options) / GIB
+    sharded = estimate_bytes(dataclasses.replace(LLAMA3_8B_NF4_UNDER_FSDP, quantized_bytes=0).sharded(2),
+                             **options) / GIB
+    for measured in MEASURED_FSDP_GIB["4-bit whole"]:
+        assert whole == pytest.approx(measured, rel=0.03)
+    for measured in MEASURED_FSDP_GIB["4-bit sharded"]:
+        assert sharded == pytest.approx(measured, rel=0.03)
+    # on the same rows, what keeping the 4-bit weights whole costs: measured 1.52 GiB on both GPUs
+    measured_cost = [w - s for w, s in zip(MEASURED_FSDP_GIB["4-bit whole"], MEASURED_FSDP_GIB["4-bit sharded"])]
+    for cost in measured_cost:
+        assert whole - sharded == pytest.approx(cost, rel=0.05)
+
+
+def test_the_shape_of_a_model_counts_integer_weights_as_quantized():
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(build_tiny_tokenizer(), hidden_size=64, num_layers=2)
+    layer = model.model.layers[0].mlp.up_proj
+    layer.weight = torch.nn.Parameter(torch.zeros(layer.weight.numel() // 2, 1, dtype=torch.uint8),
+                                      requires_grad=False)  # stored as bitsandbytes packs two 4-bit values a byte
+    shape = ModelShape.of(model)
+    assert shape.quantized_bytes == layer.weight.numel()
+    assert shape.sharded(4).weight_bytes > shape.quantized_bytes
