@@ -77,7 +77,7 @@ def sharded_logits(model_dir: str, adapter: str) -> dict:
     """Under ``accelerate launch`` with FSDP2: the adapter's logits on one unsharded copy (process 0, as after
     training on one GPU) against the same weights sharded across the processes the way training shards them.
 
-    The base loads as ``train`` loads it (a 4-bit base when the adapter was trained on one, stored in bf16).
+    The base loads as ``train`` loads it (a 4-bit base, through ``nf4_config``, when the adapter was trained on one).
     Both forwards run in bf16 autocast. ``vs_adapter_effect``: the difference over what the adapter changes.
     """
     import torch
