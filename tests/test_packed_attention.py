@@ -52,7 +52,8 @@ def test_the_trainer_hands_a_varlen_attention_each_examples_bounds(tok, tmp_path
     model.set_attn_implementation(packing.register_varlen_attention())
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=3, use_cpu=True, report_to=[],
                      save_strategy="no", max_length=128, dataloader_num_workers=0, packing=True)
-    trainer = InstructTrainer(model, args, train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    trainer = InstructTrainer(model, args, train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+                              prefix_sharing=False)  # packed rows, each attending to its own example
     features = [trainer.train_dataset[i] for i in range(3)]
     batch = trainer.data_collator(features)
     with torch.no_grad():
