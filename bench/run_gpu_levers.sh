@@ -3,7 +3,7 @@
 # under 10 minutes (about 5 with the model already in /tmp). Parts, in this order (PARTS picks some):
 #   lever    `train --load-in-4bit` with default flags (bench/gpu_frontier.py cli); the same with --compile-layers
 #            runs last, since its compilation time is the unknown
-#   generate generate rows/s: the package beside plain transformers loops, then Unsloth's inference path
+#   generate generate rows/s: the package beside plain transformers loops, the paths taking turns
 #            (bench/gpu_generate.py), with the adapter the default lever run saved
 #   profile  one step profiled with and without checkpointing, and checkpointed with compiled layers
 #            (bench/gpu_profile.py)
@@ -48,7 +48,6 @@ if [[ " $PARTS " == *" generate "* ]]; then
   A=$WORK/adapter_default
   [ -f $A/hf_instruct_tune.json ] || { run gen_adapter 120 python3 bench/gpu_frontier.py cli default $M $DATA $WORK $FLAGS; cli_log default; }
   run generate 150 python3 bench/gpu_generate.py measure $A --rows ${GEN_ROWS:-16} --max-new-tokens ${GEN_TOKENS:-48} --batch-size 8 --texts $WORK/texts.json
-  run generate_unsloth 120 python3 bench/gpu_generate.py unsloth $A --rows ${GEN_ROWS:-16} --max-new-tokens ${GEN_TOKENS:-48} --batch-size 8 --compare $WORK/texts.json
 fi
 if [[ " $PARTS " == *" profile "* ]]; then
   run profile 200 python3 bench/gpu_profile.py $M $OUT/profile.json
