@@ -1,5 +1,5 @@
 #!/bin/bash
-# On one GPU, from the repository root: the kernel levers of issue 10 and generate on the GPU, in one command of
+# On one GPU, from the repository root: kernel levers of a training step and generate rows/s, in one command of
 # under 10 minutes (about 5 with the model already in /tmp). Parts, in this order (PARTS picks some):
 #   lever    `train --load-in-4bit` with default flags (bench/gpu_frontier.py cli); the same with --compile-layers
 #            runs last, since its compilation time is the unknown
