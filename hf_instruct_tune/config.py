@@ -127,7 +127,8 @@ class TrainConfig:
         "Re-launch this command through `accelerate launch` with N processes."))
     fsdp: bool = field(default=False, metadata=_help(
         "With --num-processes: shard the base model across the GPUs with FSDP2 instead of giving each a whole copy "
-        "(for a base too large for one GPU; with --load-in-4bit too). See docs/multi_gpu.md."))
+        "(for a bf16 base too large for one GPU; with --load-in-4bit the 4-bit weights stay whole on every GPU "
+        "and the rest is sharded). See docs/multi_gpu.md."))
 
     def __post_init__(self):
         for item in dataclasses.fields(self):
