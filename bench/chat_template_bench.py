@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import sys
 import time
 from pathlib import Path
+
+from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Chat template encoding"
@@ -87,11 +88,7 @@ def main() -> int:
     section = "\n".join(lines)
     print(section)
     if args.write:
-        path = ROOT / "BENCHMARKS.md"
-        text = path.read_text(encoding="utf-8")
-        pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-        text = pattern.sub(section + "\n", text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-        path.write_text(text, encoding="utf-8")
+        write_section(section)
     return 0
 
 

@@ -16,13 +16,14 @@ import argparse
 import json
 import os
 import platform
-import re
 import resource
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 SECTION = "## Data loading"
@@ -134,17 +135,6 @@ def report(results: list[dict], progress: list[str], args, small: dict | None) -
         "```", "",
     ]
     return "\n".join(lines)
-
-
-def write_section(text: str, path: Path = ROOT / "BENCHMARKS.md") -> None:
-    """Replace this benchmark's section of ``path`` (or append it), leaving other sections as they are."""
-    current = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.DOTALL | re.MULTILINE)
-    if pattern.search(current):
-        updated = pattern.sub(lambda _: text + "\n", current, count=1)
-    else:
-        updated = current.rstrip("\n") + "\n\n" + text + "\n"
-    path.write_text(updated.rstrip("\n") + "\n", encoding="utf-8")
 
 
 def main() -> None:

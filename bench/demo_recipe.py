@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import os
 import shlex
 import subprocess
@@ -21,6 +20,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks_md import write_section
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = ROOT / "examples" / "dataset.json"
@@ -79,14 +80,6 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_section(path: Path, body: str) -> None:
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    section = f"## CPU demo\n\n{body}\n"
-    pattern = re.compile(r"## CPU demo\n.*?(?=\n## |\Z)", re.DOTALL)
-    text = pattern.sub(lambda _: section.rstrip("\n"), text) if pattern.search(text) else text.rstrip("\n") + "\n\n" + section
-    path.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--recipe", action="append", required=True, help="NAME=FLAGS, e.g. notebook='--max-steps 60'")
@@ -105,7 +98,7 @@ def main() -> None:
         body = (f"Command: `{command} --markdown BENCHMARKS.md`\n\nSmolLM2-135M-Instruct (embedded GGUF, float32) "
                 "on CPU, `alpaca-zh`, the 10-row `examples/dataset.json`; held-out: the 30 rows of "
                 f"`examples/heldout.json`, greedy decoding.\n\n{rendered}")
-        write_section(args.markdown, body)
+        write_section(f"## CPU demo\n\n{body}", args.markdown)
 
 
 if __name__ == "__main__":
