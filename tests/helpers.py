@@ -73,3 +73,37 @@ def assert_single_turn_invariants(input_ids: Sequence[int], labels: Sequence[int
 def write_jsonl(path: Path, rows: Sequence[dict]) -> Path:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     return path
+
+
+def sentiment_rows(count: int) -> list[dict]:
+    """``count`` short alpaca rows of a few lengths, answered yes or no."""
+    return [{"instruction": f"classify the sentiment of text {i}" + " hello" * (i % 5), "output": ["yes", "no"][i % 2]}
+            for i in range(count)]
+
+
+def tiny_lora_trainer(output_dir: Path, rows: Sequence[dict], *, num_layers: int, max_steps: int,
+                      config: dict | None = None, **trainer_kwargs):
+    """An ``InstructTrainer`` of a tiny random Llama with LoRA on q/v, on CPU: 4 rows a step, a constant learning
+    rate, a loss logged every step, seeded (two trainers built alike train alike), no checkpointing unless
+    ``config`` (``SFTConfig`` fields) or ``trainer_kwargs`` ask for it."""
+    from peft import LoraConfig
+    from trl import SFTConfig
+
+    from hf_instruct_tune import InstructTrainer
+    from hf_instruct_tune.testing.tiny import build_tiny_model
+
+    tok = build_tiny_tokenizer()
+    model = build_tiny_model(tok, num_layers=num_layers)
+    args = SFTConfig(output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                     max_steps=max_steps, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0,
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0,
+                     dataloader_num_workers=0, max_length=64, **{"gradient_checkpointing": False, **(config or {})})
+    return InstructTrainer(model=model, args=args, train_dataset=list(rows), processing_class=tok, template="alpaca",
+                           peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  task_type="CAUSAL_LM"),
+                           prefix_sharing=False, **trainer_kwargs)
+
+
+def logged_losses(trainer) -> list[float]:
+    """The training loss of every logged step."""
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]

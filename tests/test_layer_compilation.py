@@ -5,29 +5,16 @@ from __future__ import annotations
 import pytest
 from torch.testing import assert_close
 
-ROWS = [{"instruction": f"classify the sentiment of text {i}" + " hello" * (i % 5), "output": ["yes", "no"][i % 2]}
-        for i in range(8)]
+from helpers import logged_losses, sentiment_rows, tiny_lora_trainer
+
+ROWS = sentiment_rows(8)
 
 
 def _train(tmp_path, name, *, checkpointing: bool, **trainer_kwargs):
-    from peft import LoraConfig
-    from trl import SFTConfig
-
-    from hf_instruct_tune import InstructTrainer
-    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
-
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok, num_layers=2)
-    args = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                     max_steps=3, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0,
-                     dataloader_num_workers=0, max_length=64, gradient_checkpointing=checkpointing)
-    trainer = InstructTrainer(model=model, args=args, train_dataset=ROWS, processing_class=tok, template="alpaca",
-                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     task_type="CAUSAL_LM"),
-                              prefix_sharing=False, memory_plan=False, **trainer_kwargs)
+    trainer = tiny_lora_trainer(tmp_path / name, ROWS, num_layers=2, max_steps=3,
+                                config={"gradient_checkpointing": checkpointing}, memory_plan=False, **trainer_kwargs)
     trainer.train()
-    return trainer, [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return trainer, logged_losses(trainer)
 
 
 @pytest.mark.slow  # torch.compile on CPU: about a minute per setting

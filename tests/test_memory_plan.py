@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import logged_losses, sentiment_rows, tiny_lora_trainer
 from torch.testing import assert_close
 
 from hf_instruct_tune.memory_plan import (GIB, Fixed, ModelShape, estimate_bytes, micro_batch_tokens,
@@ -94,33 +95,16 @@ def test_micro_batch_tokens():
 
 # -- two plans, one training: equal losses at every step --------------------------------------------
 
-ROWS = [{"instruction": f"classify the sentiment of text {i}" + " hello" * (i % 5), "output": ["yes", "no"][i % 2]}
-        for i in range(16)]
+ROWS = sentiment_rows(16)
 
 
 def _train(tmp_path, name, **trainer_kwargs):
-    from trl import SFTConfig
-
-    from hf_instruct_tune import InstructTrainer
     from hf_instruct_tune.memory_plan import checkpointed_layer_count
-    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
-    tok = build_tiny_tokenizer()
-    model = build_tiny_model(tok, num_layers=3)
-    args = SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=4, gradient_accumulation_steps=1,
-                     max_steps=4, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0, logging_steps=1,
-                     save_strategy="no", report_to=[], use_cpu=True, bf16=False, seed=0, data_seed=0,
-                     dataloader_num_workers=0, max_length=64, gradient_checkpointing=False)
-    from peft import LoraConfig
-
-    trainer = InstructTrainer(model=model, args=args, train_dataset=ROWS, processing_class=tok, template="alpaca",
-                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                     task_type="CAUSAL_LM"),
-                              prefix_sharing=False, **trainer_kwargs)
+    trainer = tiny_lora_trainer(tmp_path / name, ROWS, num_layers=3, max_steps=4, **trainer_kwargs)
     checkpointed = checkpointed_layer_count(trainer.model)
     trainer.train()
-    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return trainer.memory_plan, checkpointed, losses
+    return trainer.memory_plan, checkpointed, logged_losses(trainer)
 
 
 def test_two_plans_give_the_same_loss_at_every_step(tmp_path, monkeypatch):
