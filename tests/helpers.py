@@ -107,3 +107,19 @@ def tiny_lora_trainer(output_dir: Path, rows: Sequence[dict], *, num_layers: int
 def logged_losses(trainer) -> list[float]:
     """The training loss of every logged step."""
     return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def slow_cli_script(delay: float) -> str:
+    """``python -c`` source that runs the CLI with every optimizer step slowed by ``delay`` seconds, so that a
+    signal or a second process reliably lands mid-training (sleeping changes no number)."""
+    return f"""
+import sys, time
+import hf_instruct_tune.checkpoints as checkpoints
+step_end = checkpoints.SaveOnInterrupt.on_step_end
+def slow(self, *args, **kwargs):
+    time.sleep({float(delay)!r})
+    return step_end(self, *args, **kwargs)
+checkpoints.SaveOnInterrupt.on_step_end = slow
+from hf_instruct_tune.cli import main
+sys.exit(main(sys.argv[1:]))
+"""

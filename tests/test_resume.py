@@ -15,24 +15,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import slow_cli_script
+
 from hf_instruct_tune.checkpoints import CHECKPOINTS_DIR, last_checkpoint
 from hf_instruct_tune.cli import main
 from hf_instruct_tune.metadata import METADATA_FILE_NAME
 
 ADAPTER = "adapter_model.safetensors"
-# Slows each optimizer step of a child process, so a signal reliably lands mid-training. Sleeping
-# does not change the numbers.
-SLOW_MAIN = """
-import sys, time
-import hf_instruct_tune.checkpoints as checkpoints
-step_end = checkpoints.SaveOnInterrupt.on_step_end
-def slow(self, *args, **kwargs):
-    time.sleep(float({delay!r}))
-    return step_end(self, *args, **kwargs)
-checkpoints.SaveOnInterrupt.on_step_end = slow
-from hf_instruct_tune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +57,7 @@ def reference(setup, tmp_path_factory):
 
 def _start(argv: list[str], *, delay: float) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-c", SLOW_MAIN.format(delay=delay), *argv], env=env,
+    return subprocess.Popen([sys.executable, "-c", slow_cli_script(delay), *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

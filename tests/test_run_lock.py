@@ -12,20 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import slow_cli_script
+
 from hf_instruct_tune.checkpoints import CHECKPOINTS_DIR
 from hf_instruct_tune.cli import main
-
-SLOW_MAIN = """
-import sys, time
-import hf_instruct_tune.checkpoints as checkpoints
-step_end = checkpoints.SaveOnInterrupt.on_step_end
-def slow(self, *args, **kwargs):
-    time.sleep(0.5)
-    return step_end(self, *args, **kwargs)
-checkpoints.SaveOnInterrupt.on_step_end = slow
-from hf_instruct_tune.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +39,7 @@ def _args(setup, out: Path, *extra: str) -> list[str]:
 def test_a_second_run_into_a_busy_folder_is_refused_until_the_first_dies(setup, tmp_path, capsys):
     out = tmp_path / "adapter"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    first = subprocess.Popen([sys.executable, "-c", SLOW_MAIN, *_args(setup, out)], env=env,
+    first = subprocess.Popen([sys.executable, "-c", slow_cli_script(0.5), *_args(setup, out)], env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
