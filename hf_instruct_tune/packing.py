@@ -24,6 +24,7 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -275,10 +276,25 @@ def _probe_compiled_flex(device: str, dtype: torch.dtype, heads: int, kv_heads: 
         return False
 
 
+_DENSE_MASKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _dense_mask(block_mask: Any, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """The dense bool mask of ``block_mask``'s ``mask_mod``, built once per block mask: every layer of a forward
+    (and its recomputation) attends under the same one."""
+    dense = _DENSE_MASKS.get(block_mask)
+    if dense is None:
+        from torch.nn.attention.flex_attention import create_mask
+
+        dense = _DENSE_MASKS[block_mask] = create_mask(block_mask.mask_mod, 1, 1, query.shape[2], key.shape[2],
+                                                       device=query.device)
+    return dense
+
+
 def _block_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any,
                           scaling: float | None) -> torch.Tensor:
     """``flex_attention`` of ``[B, H, T, D]`` tensors under ``block_mask``, as ``[B, T, H, D]``."""
-    from torch.nn.attention.flex_attention import create_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
     gqa = key.shape[1] != query.shape[1]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (query, key, value))
@@ -286,10 +302,8 @@ def _block_mask_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
         out = _compiled_flex_attention()(query, key, value, block_mask=_blocks_of_any_count(block_mask), scale=scaling,
                                          enable_gqa=gqa)
     elif needs_grad or query.device.type != "cpu":
-        t, s = query.shape[2], key.shape[2]
-        dense = create_mask(block_mask.mask_mod, 1, 1, t, s, device=query.device)
-        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=dense, scale=scaling,
-                                                               enable_gqa=gqa)
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, scale=scaling, enable_gqa=gqa,
+                                                               attn_mask=_dense_mask(block_mask, query, key))
     else:
         with warnings.catch_warnings():  # eager on purpose: the CPU has no compiled kernel worth compiling for
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
