@@ -197,7 +197,7 @@ class InstructTrainer(SFTTrainer):
             self.remove_callback(ProgressCallback)
             self.add_callback(ReadableProgressCallback)
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
-            attn = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
+            attn = _attention_of(self.model)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
         if self.memory_plan is not None:
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
