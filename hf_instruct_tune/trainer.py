@@ -209,6 +209,10 @@ class InstructTrainer(SFTTrainer):
         self.peak_memory_gib: list[float] | None = None
         self.timed_tokens = 0
         self.add_callback(self.throughput)
+        if getattr(self, "is_fsdp_enabled", False):
+            from .fsdp_prefetch import FSDPPrefetch
+
+            self.add_callback(FSDPPrefetch())
 
     def _plan_memory(self, model, args, peft_config, wanted: bool | None, max_memory: float | None,
                      fixed: Fixed) -> MemoryPlan | None:
