@@ -10,9 +10,10 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OF
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # every stack alike (the package's CLI sets it too)
 [ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
 # the installed layout (setup.cfg maps templates/ and cards/ into the package)
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
-export PYTHONPATH=/tmp/site:/tmp/pkg
 OUT=${OUT:-/tmp/frontier}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=/tmp/frontier_rows.jsonl; PART=${PART:-package}
+PKG=/tmp/pkg_$PART  # one copy per part: the two parts may run at once on two GPUs
+rm -rf $PKG && mkdir -p $PKG && cp -r hf_instruct_tune $PKG/ && cp -r templates cards $PKG/hf_instruct_tune/
+export PYTHONPATH=/tmp/site:$PKG
 mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1
@@ -26,6 +27,12 @@ if [ "$PART" = package ]; then
   for B in ${BUDGETS:-8 12 32 64}; do
     run python3 bench/gpu_frontier.py cli max_memory_$B $M $DATA $OUT --load-in-4bit --max-memory $B
   done
+  # the same with compiled decoder layers: COMPILE_BUDGETS="32 none" (none: no --max-memory)
+  for B in ${COMPILE_BUDGETS:-}; do
+    limit=(); [ "$B" = none ] || limit=(--max-memory $B)
+    RUN_TIMEOUT=${COMPILE_TIMEOUT:-240} run python3 bench/gpu_frontier.py cli compiled_$B $M $DATA $OUT --load-in-4bit \
+      "${limit[@]}" --compile-layers
+  done
 else
   for cfg in ${BASELINES:-"unsloth --bs 16 --ga 1 --padding-free" "unsloth --bs 16 --ga 1" \
              "unsloth --bs 16 --ga 1 --padding-free --no-ckpt" "hf --bs 4 --ga 4"}; do
@@ -38,7 +45,7 @@ else
     set -- $d; name=$1; shift
     run python3 bench/gpu_frontier.py cli $name $M $DATA $OUT --load-in-4bit "$@"
   done
-  timeout 200 python3 bench/gpu_profile.py $M $OUT/profile.json > $OUT/profile.md 2>$OUT/profile_err.txt || tail -5 $OUT/profile_err.txt
+  [ -n "${SKIP_PROFILE:-}" ] || timeout 200 python3 bench/gpu_profile.py $M $OUT/profile.json > $OUT/profile.md 2>$OUT/profile_err.txt || tail -5 $OUT/profile_err.txt
 fi
 python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in open(sys.argv[1])], indent=1))" \
   $OUT/frontier_$PART.jsonl > $OUT/frontier_$PART.json

@@ -32,14 +32,19 @@ ddp_1gpu --load-in-4bit --max-steps 30;ddp_balanced --load-in-4bit --num-process
 ddp_inorder --load-in-4bit --num-processes $N --max-steps 30 --no-balance-ranks;\
 qlora_fsdp --load-in-4bit --fsdp --num-processes $N;bf16_1gpu;bf16_fsdp --fsdp --num-processes $N"}
 IFS=';' read -ra settings <<< "$SETTINGS"
+# a setting's words of the form env:NAME=VALUE set NAME for that run only
 for setting in "${settings[@]}"; do
   set -- $setting; name=$1; shift
   [[ $name =~ ${ONLY:-.} ]] || continue
-  case "$name" in *_1gpu) CUDA_VISIBLE_DEVICES=0 run $name "$@";; *) run $name "$@";; esac
+  envs=(); flags=()
+  for word in "$@"; do case "$word" in env:*) envs+=("${word#env:}");; *) flags+=("$word");; esac; done
+  case "$name" in *_1gpu) envs+=(CUDA_VISIBLE_DEVICES=0);; esac
+  ( [ ${#envs[@]} = 0 ] || export "${envs[@]}"; run $name "${flags[@]}" )
 done
 # each FSDP adapter: its logits on one GPU against the same weights sharded over N GPUs as in training
 for adapter in $OUT/adapter_*fsdp*; do
   [ -f $adapter/adapter_model.safetensors ] || continue
+  [[ ${adapter##*adapter_} =~ ${SKIP_SHARDED:-^$} ]] && continue
   timeout $(limit ${CHECK_TIMEOUT:-150} 90) python3 -m accelerate.commands.launch --config_file examples/accelerate_fsdp.yaml \
     --num_processes $N bench/multi_gpu.py sharded-logits $M $adapter > $OUT/sharded_${adapter##*adapter_}.txt 2>&1
   grep "^RESULT" $OUT/sharded_${adapter##*adapter_}.txt | sed 's/^RESULT //' >> $OUT/sharded.jsonl \

@@ -1,0 +1,44 @@
+#!/bin/bash
+# On a machine with two GPUs, from the repository root: the whole frontier of bench/gpu_frontier.py in one command
+# of under 10 minutes. GPU 0 runs PART=package of bench/run_gpu_frontier.sh (the packed-vs-padded check, then the
+# CLI with default flags, each --max-memory B, and COMPILE_BUDGETS with --compile-layers); GPU 1 at the same time
+# runs PART=baselines (Unsloth and transformers+peft at their best shapes), then the loss kernels
+# (bench/gpu_loss_kernels.py) and generate rows/s (bench/gpu_generate.py, with the adapter of GPU 0's default run).
+# The two sides share the host, not a GPU. Results under $OUT: frontier.json (both parts, for
+# `python bench/gpu_frontier.py table`), loss_kernels.jsonl, generate.jsonl, logs.tgz.
+set -uo pipefail
+START=$(date +%s); TOTAL_S=${TOTAL_S:-570}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
+OUT=${OUT:-/tmp/frontier_pair}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=/tmp/frontier_rows.jsonl
+WORK=/tmp/frontier_pair_work; rm -rf $WORK; mkdir -p $OUT $WORK
+left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
+[ -f $M/config.json ] || PYTHONPATH=/tmp/site python3 bench/gpu_bench.py make $M 2>&1 | tail -1
+[ -f $DATA ] || PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_frontier.py data $DATA
+export COMPILE_BUDGETS=${COMPILE_BUDGETS-"32 none"}
+( CUDA_VISIBLE_DEVICES=0 PART=package OUT=$WORK/package timeout $(left) bash bench/run_gpu_frontier.sh \
+    > $WORK/package.txt 2>&1 ) &
+package=$!
+(
+  export CUDA_VISIBLE_DEVICES=1
+  PART=baselines SKIP_PROFILE=1 OUT=$WORK/baselines timeout $(( $(left) - 150 )) bash bench/run_gpu_frontier.sh \
+    > $WORK/baselines.txt 2>&1
+  export PYTHONPATH=/tmp/site:/tmp/pkg_baselines
+  [ -f bench/gpu_loss_kernels.py ] && timeout 100 python3 bench/gpu_loss_kernels.py > $WORK/loss_kernels.txt 2>&1
+  grep "^RESULT" $WORK/loss_kernels.txt 2>/dev/null | sed 's/^RESULT //' > $OUT/loss_kernels.jsonl
+  A=$WORK/package/adapter_default
+  for _ in $(seq 60); do [ -f $A/hf_instruct_tune.json ] && break; sleep 2; done
+  timeout $(( $(left) - 10 )) python3 bench/gpu_generate.py measure $A --rows 16 --max-new-tokens 48 --batch-size 8 \
+    --texts $WORK/texts.json > $WORK/generate.txt 2>&1
+  grep "^RESULT" $WORK/generate.txt | sed 's/^RESULT //' > $OUT/generate.jsonl
+) &
+wait $package; wait
+cat $WORK/package/frontier_package.jsonl $WORK/baselines/frontier_baselines.jsonl 2>/dev/null \
+  | python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()], indent=1))" \
+  > $OUT/frontier.json
+PYTHONPATH=/tmp/site:/tmp/pkg_package python3 bench/gpu_frontier.py table $OUT/frontier.json
+cat $OUT/loss_kernels.jsonl $OUT/generate.jsonl 2>/dev/null | cut -c1-300
+tail -3 $WORK/package.txt $WORK/baselines.txt
+tar czf $OUT/logs.tgz -C $WORK --exclude='adapter_*' --exclude='*.safetensors' . 2>/dev/null
+echo "done in $(( $(date +%s) - START )) s"
