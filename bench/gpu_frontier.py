@@ -97,14 +97,18 @@ def table(results: list[dict]) -> str:
     lines = ["| budget | this package, CLI | real tok/s @ peak GiB | share of bound | best Unsloth that fits | "
              "real tok/s @ peak GiB | best transformers+peft that fits | ratio vs Unsloth |",
              "|---|---|---:|---:|---|---:|---|---:|"]
+    runs = []  # (budget, the package's run name, the row's label): default flags, then with --compile-layers
     for budget in BUDGETS:
-        name = f"max_memory_{budget}" if budget else "default"
+        label = f"{budget} GiB" if budget else "no limit"
+        runs.append((budget, f"max_memory_{budget}" if budget else "default", label))
+        if f"compiled_{budget or 'none'}" in package:
+            runs.append((budget, f"compiled_{budget or 'none'}", f"{label}, compiled layers"))
+    for budget, name, label in runs:
         ours = package.get(name)
         best = {}
         for stack in ("unsloth", "hf"):
             fitting = [r for r in results if r["stack"] == stack and _fits(r, budget)]
             best[stack] = max(fitting, key=lambda r: r["real_tokens_per_s"], default=None)
-        label = f"{budget} GiB" if budget else "no limit"
         if ours is None or "error" in ours:
             cell = f"failed: {ours['error'][:60]}" if ours else "not run"
             lines.append(f"| {label} | {cell} | | | | | | |")

@@ -34,8 +34,10 @@ if [ "$PART" = package ]; then
       "${limit[@]}" --compile-layers
   done
 else
-  for cfg in ${BASELINES:-"unsloth --bs 16 --ga 1 --padding-free" "unsloth --bs 16 --ga 1" \
-             "unsloth --bs 16 --ga 1 --padding-free --no-ckpt" "hf --bs 4 --ga 4"}; do
+  # BASELINES="stack flags;stack flags;..." replaces the list
+  IFS=';' read -ra configs <<< "${BASELINES:-unsloth --bs 16 --ga 1 --padding-free;unsloth --bs 16 --ga 1;\
+unsloth --bs 16 --ga 1 --padding-free --no-ckpt;hf --bs 4 --ga 4}"
+  for cfg in "${configs[@]}"; do
     set -- $cfg; stack=$1; shift
     run python3 bench/gpu_bench.py train $stack $M "$@"
   done

@@ -17,6 +17,9 @@ left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 [ -f $M/config.json ] || PYTHONPATH=/tmp/site python3 bench/gpu_bench.py make $M 2>&1 | tail -1
 [ -f $DATA ] || PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_frontier.py data $DATA
 export COMPILE_BUDGETS=${COMPILE_BUDGETS-"32 none"}
+# Unsloth with and without its checkpointing, padded and padding-free, 16 x 1 and 4 x 4; transformers+peft padded
+export BASELINES=${BASELINES:-"unsloth --bs 16 --ga 1 --padding-free --no-ckpt;unsloth --bs 16 --ga 1 --padding-free;\
+unsloth --bs 4 --ga 4 --padding-free --no-ckpt;unsloth --bs 16 --ga 1;hf --bs 4 --ga 4"}
 ( CUDA_VISIBLE_DEVICES=0 PART=package OUT=$WORK/package timeout $(left) bash bench/run_gpu_frontier.sh \
     > $WORK/package.txt 2>&1 ) &
 package=$!
