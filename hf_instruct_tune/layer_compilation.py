@@ -16,12 +16,14 @@ import logging
 logger = logging.getLogger(__name__)
 
 
-def compile_decoder_layers(model) -> int:
-    """Compile the forward of every decoder layer of ``model`` (possibly wrapped by PEFT) in place.
+def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
+    """Compile the forward of every decoder layer of ``model`` (possibly wrapped by PEFT) in place, for training.
 
-    Returns the number of layers compiled; a layer compiled before is left as it is. Each layer may need a
+    Returns the number of layers compiled; a layer compiled before is left as it is. The input embeddings'
+    output is made to require grad, so the first layer's input looks like every other layer's and all layers
+    share one graph (otherwise the first layer's frozen input compiles a graph of its own). Each layer may need a
     graph of its own (4-bit weights carry per-layer quantization state), so torch's recompilation limit is
-    raised to the number of layers where it is lower.
+    raised to the number of layers where it is lower. ``backend`` is ``torch.compile``'s.
     """
     import torch
 
@@ -29,6 +31,8 @@ def compile_decoder_layers(model) -> int:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     layers = _decoder_layers(base)
+    if layers and not getattr(base, "_require_grads_hooks", None):
+        base.enable_input_require_grads()
     dynamo = torch._dynamo.config
     for limit in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo, limit) and getattr(dynamo, limit) < len(layers) + 8:
@@ -37,7 +41,7 @@ def compile_decoder_layers(model) -> int:
     compiled = 0
     for layer in layers:
         if not is_compiled(layer):
-            layer.compile(dynamic=True)
+            layer.compile(dynamic=True, backend=backend)
             compiled += 1
     if layers:
         logger.info("Compiling %d decoder layers with torch.compile (the first steps take longer)", len(layers))

@@ -31,6 +31,39 @@ def test_compiled_layers_train_to_the_same_loss(tmp_path, checkpointing):
     assert_close(losses, reference, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # trains with compiled layers: about 25 s on CPU
+def test_layers_compile_to_one_graph_for_the_whole_run(tmp_path, monkeypatch):
+    """Every layer and every step reuse the first step's graph: the first layer's input requires grad like the
+    others' (a frozen input would compile a second graph), and rows of any length fit the dynamic shapes."""
+    import functools
+
+    import torch
+    from torch._dynamo.utils import counters
+    from transformers import TrainerCallback
+
+    import hf_instruct_tune.trainer as trainer_module
+    from hf_instruct_tune.layer_compilation import compile_decoder_layers
+
+    # dynamo's guards decide recompilation whatever the backend; aot_eager traces forward and backward as
+    # inductor does, without generating code (seconds instead of a minute on CPU)
+    monkeypatch.setattr(trainer_module, "compile_decoder_layers",
+                        functools.partial(compile_decoder_layers, backend="aot_eager"))
+    torch._dynamo.reset()
+    counters.clear()
+    graphs_after_step = []
+
+    class CountGraphs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            graphs_after_step.append(counters["stats"]["unique_graphs"])
+
+    trainer = tiny_lora_trainer(tmp_path, ROWS, num_layers=2, max_steps=4,
+                                memory_plan=False, compile_layers=True, callbacks=[CountGraphs()])
+    lengths = {len(ids) for ids in trainer.train_dataset["input_ids"]}
+    trainer.train()
+    assert len(lengths) > 1
+    assert graphs_after_step == [1, 1, 1, 1]
+
+
 def test_compile_layers_is_off_by_default(tmp_path):
     from hf_instruct_tune.layer_compilation import is_compiled
     from hf_instruct_tune.memory_plan import _decoder_layers
