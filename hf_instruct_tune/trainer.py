@@ -15,6 +15,7 @@ from transformers import Trainer
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
+from .adapter_casts import adapter_inputs_uncast
 from .backends import offload_input_embeddings
 from .collator import EOSSafeCollator
 from .prefix_sharing import (BLOCK_MASK_ATTENTIONS, MASK_ATTENTIONS, SharingStats, attention_tokens_for,
@@ -250,12 +251,14 @@ class InstructTrainer(SFTTrainer):
     # -- fused loss --------------------------------------------------------------------------------
 
     def train(self, *args: Any, **kwargs: Any):
-        """``Trainer.train``; with ``fused_loss`` the ``lm_head`` is swapped out for its duration only."""
-        if not self.fused_loss:
-            result = super().train(*args, **kwargs)
-        else:
-            with self._hidden_states_out():
+        """``Trainer.train``; with ``fused_loss`` the ``lm_head`` is swapped out for its duration only. Under autocast
+        the LoRA layers take their inputs uncast (:mod:`.adapter_casts`) for its duration only."""
+        with adapter_inputs_uncast(self.model, autocast=self.accelerator.native_amp):
+            if not self.fused_loss:
                 result = super().train(*args, **kwargs)
+            else:
+                with self._hidden_states_out():
+                    result = super().train(*args, **kwargs)
         if self.sharing_stats.batches and self.is_world_process_zero():
             logger.info(self.sharing_stats.summary())
         self._sum_throughput()
