@@ -220,12 +220,12 @@ class InstructTrainer(SFTTrainer):
         """Plan the steps (see ``memory_plan``) and set ``args`` and the model up for it; None when off."""
         import torch
 
-        if fixed.checkpointing is None and args.gradient_checkpointing is False:
+        if fixed.checkpointing is None and _checkpointing_arg(args) is False:
             fixed = dataclasses.replace(fixed, checkpointing=False)
         on = wanted if wanted is not None else (max_memory is not None or torch.cuda.is_available())
         if not on or isinstance(model, str):
             if fixed.checkpointing is not None:
-                args.gradient_checkpointing = fixed.checkpointing
+                _set_checkpointing_arg(args, fixed.checkpointing)
             if fixed.embeddings_on_cpu and not isinstance(model, str):
                 offload_input_embeddings(model)
             return None
@@ -233,7 +233,7 @@ class InstructTrainer(SFTTrainer):
                                 max_memory=max_memory, fixed=fixed)
         args.per_device_train_batch_size = plan.micro_batch
         args.gradient_accumulation_steps = plan.grad_accum
-        args.gradient_checkpointing = False  # the plan's layers are set after PEFT wraps the model
+        _set_checkpointing_arg(args, False)  # the plan's layers are set after PEFT wraps the model
         if plan.embeddings_on_cpu:
             offload_input_embeddings(model)
         self.fused_loss = plan.fused_loss
@@ -627,6 +627,20 @@ def changed_hyperparameters(args) -> dict[str, Any]:
 
 WARMUP_FRACTION = 10
 """Warm-up takes at most ``1 / WARMUP_FRACTION`` of the optimizer steps."""
+
+def _checkpointing_arg(args) -> bool | None:
+    """Whether ``args`` asks the Trainer to checkpoint every layer (``activation_checkpointing`` on transformers
+    that renamed ``gradient_checkpointing``)."""
+    return getattr(args, "activation_checkpointing", args.gradient_checkpointing)
+
+
+def _set_checkpointing_arg(args, on: bool) -> None:
+    """Set both names: where ``activation_checkpointing`` exists the Trainer reads it alone, and the old name only
+    mirrors it when the arguments are built, so setting ``gradient_checkpointing`` later would not reach it."""
+    args.gradient_checkpointing = on
+    if hasattr(args, "activation_checkpointing"):
+        args.activation_checkpointing = on
+
 
 def _prefix_sharing_wanted(asked: bool | None, model) -> bool:
     """``prefix_sharing`` as asked, or by default on when the model's attention takes an explicit or a block mask."""

@@ -227,3 +227,36 @@ def test_the_shape_of_a_model_counts_integer_weights_as_quantized():
     shape = ModelShape.of(model)
     assert shape.quantized_bytes == layer.weight.numel()
     assert shape.sharded(4).weight_bytes > shape.quantized_bytes
+
+
+# -- the layers recomputed in training are the plan's ------------------------------------------------
+
+
+def _attention_calls_in_one_step(trainer) -> list[int]:
+    """How many times each decoder layer's attention ran in one single-micro-batch step (2: recomputed)."""
+    layers = trainer.model.get_base_model().model.layers
+    calls = [0] * len(layers)
+    for index, layer in enumerate(layers):
+        layer.self_attn.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+    trainer.train()
+    return calls
+
+
+def test_training_recomputes_the_layers_the_plan_chose(tmp_path, monkeypatch):
+    from hf_instruct_tune import memory_plan
+
+    original = memory_plan.plan_memory
+    monkeypatch.setattr(memory_plan, "plan_memory",
+                        lambda *args, **kwargs: dataclasses.replace(original(*args, **kwargs), checkpointed_layers=1))
+    # checkpointing asked for in the arguments, as the CLI builds them when it plans
+    trainer = tiny_lora_trainer(tmp_path, ROWS[:4], num_layers=3, max_steps=1, max_memory=100.0,
+                                config={"gradient_checkpointing": True})
+    assert trainer.memory_plan.checkpointed_layers == 1
+    assert _attention_calls_in_one_step(trainer) == [2, 1, 1]
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_without_a_plan_checkpointing_is_as_given(tmp_path, checkpointing):
+    trainer = tiny_lora_trainer(tmp_path, ROWS[:4], num_layers=2, max_steps=1, memory_plan=False,
+                                gradient_checkpointing=checkpointing, config={"gradient_checkpointing": not checkpointing})
+    assert _attention_calls_in_one_step(trainer) == [2 if checkpointing else 1] * 2
