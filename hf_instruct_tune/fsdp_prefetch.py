@@ -6,8 +6,8 @@ delay until the GPU is already waiting. :func:`prefetch_layers` asks each sharde
 gathers of the ``depth`` layers after it (forward) and before it (backward) as it starts, so the transfers
 overlap the computation. Each prefetched layer holds one more gathered layer per GPU at a time.
 
-:class:`~hf_instruct_tune.InstructTrainer` sets it up when training starts under FSDP (``HF_INSTRUCT_TUNE_FSDP_PREFETCH``
-sets ``depth``; 0 leaves FSDP2's own order).
+:class:`~hf_instruct_tune.InstructTrainer` sets it up when training starts under FSDP
+(``HF_INSTRUCT_TUNE_FSDP_PREFETCH`` sets ``depth``; 0 leaves FSDP2's own order).
 """
 
 from __future__ import annotations

@@ -96,8 +96,9 @@ def tiny_lora_trainer(output_dir: Path, rows: Sequence[dict], *, num_layers: int
     model = build_tiny_model(tok, num_layers=num_layers)
     args = SFTConfig(output_dir=str(output_dir), per_device_train_batch_size=4, gradient_accumulation_steps=1,
                      max_steps=max_steps, learning_rate=1e-2, lr_scheduler_type="constant", warmup_steps=0,
-                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0, dataloader_num_workers=0,
-                     max_length=64, **{"gradient_checkpointing": False, "bf16": False, **(config or {})})
+                     logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, seed=0, data_seed=0,
+                     dataloader_num_workers=0, max_length=64,
+                     **{"gradient_checkpointing": False, "bf16": False, **(config or {})})
     return InstructTrainer(model=model, args=args, train_dataset=list(rows), processing_class=tok, template="alpaca",
                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                   task_type="CAUSAL_LM"),

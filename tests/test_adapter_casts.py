@@ -101,4 +101,5 @@ def test_the_trainer_trains_with_uncast_inputs_under_autocast_only(tmp_path):
         trainer.add_callback(flags)
         trainer.train()
         assert flags.seen and set(flags.seen) == {not bf16}
-        assert all(m.cast_input_dtype_enabled for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled"))
+        layers = [m for m in trainer.model.modules() if hasattr(m, "cast_input_dtype_enabled")]
+        assert all(m.cast_input_dtype_enabled for m in layers)
