@@ -6,7 +6,9 @@ There is no distributed layer here. ``accelerate launch`` starts the processes a
 - :data:`FSDP_CONFIG`, the accelerate config ``--fsdp`` writes (:func:`write_accelerate_config`; the same as
   ``examples/accelerate_fsdp.yaml``);
 - :func:`check_plugin`: the FSDP settings ``train`` can save a whole adapter from;
-- :func:`adapter_state_dict`: the adapter's weights gathered from every process, whole, for process 0 to write.
+- :func:`adapter_state_dict`: the adapter's weights gathered from every process, whole, for process 0 to write;
+- :func:`save_optimizer` / :func:`load_optimizer` / :func:`load_adapter`: what a checkpoint needs for ``--resume``
+  besides the adapter, gathered whole for process 0 to write, and loaded back into a sharded model on every process.
 """
 
 from __future__ import annotations
@@ -121,3 +123,89 @@ def check_whole(gathered: dict[str, Any], expected: dict[str, tuple[int, ...]]) 
         f"missing{' (' + missing[0] + ', ...)' if missing else ''}, {len(wrong)} at a shard's shape"
         f"{' (' + wrong[0] + f': {got[wrong[0]]} instead of {expected[wrong[0]]})' if wrong else ''}; nothing "
         "was saved")
+
+
+OPTIMIZER_FILE = "optimizer.pt"
+"""The optimizer state in a checkpoint, as transformers names it; under FSDP each tensor whole, keyed by parameter name."""
+
+
+def save_optimizer(model, optimizer, path: str | Path, *, write: bool) -> None:
+    """Gather the optimizer state of a model sharded with FSDP2 whole, and write it to ``path`` where ``write``.
+
+    Call it on every process (each takes part in gathering); pass ``write`` on process 0 only. The file holds
+    torch's full optimizer state dict (``get_optimizer_state_dict``): every state tensor whole, on the CPU, keyed
+    by its parameter's name, so it loads into any number of processes (:func:`load_optimizer`).
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)  # process 0 gets it all, the others nothing
+    state = get_optimizer_state_dict(model, _unwrapped(optimizer), options=options)
+    if write:
+        torch.save(state, path)
+
+
+def load_optimizer(model, optimizer, path: str | Path) -> None:
+    """Load the optimizer state :func:`save_optimizer` wrote into the optimizer of a model sharded with FSDP2.
+
+    Call it on every process: each reads the whole state and keeps its own shard of each tensor.
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    set_optimizer_state_dict(model, _unwrapped(optimizer), state, options=StateDictOptions(full_state_dict=True))
+
+
+def _unwrapped(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds torch's
+
+
+def load_adapter(model, folder: str | Path) -> None:
+    """Load the whole adapter a checkpoint holds (``adapter_model.safetensors``) into a model sharded with FSDP2.
+
+    Call it on every process: each reads the file and keeps its own shard of each tensor (no communication).
+    Only the trainable weights are written: the frozen base stays as loaded (torch's ``set_model_state_dict``
+    would copy every base weight, 4-bit ones included, onto itself). File names are the model's parameter names
+    as PEFT's ``save_pretrained`` writes them (without the adapter's name). Raises :class:`InputError` when the
+    file lacks a tensor of the model's adapter or holds one at another shape; nothing is loaded then.
+    """
+    import torch
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    path = Path(folder) / ADAPTER_WEIGHTS_FILE
+    if not path.is_file():
+        raise InputError(f"holds no {ADAPTER_WEIGHTS_FILE} to resume from", source=str(folder), field="resume")
+    saved = load_file(path)
+    trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
+    in_file = _file_names(model, list(trainable))
+    wrong = [name for name, param in trainable.items()
+             if in_file[name] not in saved or tuple(saved[in_file[name]].shape) != tuple(param.shape)]
+    if wrong:
+        raise InputError(f"{path.name} does not hold this model's adapter: {len(wrong)} of {len(trainable)} tensors "
+                         f"missing or at another shape ({in_file[wrong[0]]}, ...); resume with the settings it was "
+                         "trained with", source=str(folder), field="resume")
+    with torch.no_grad():
+        for name, param in trainable.items():
+            whole = saved[in_file[name]].to(param.device, param.dtype)
+            if isinstance(param, DTensor):  # this process's shard, cut from the whole tensor in place
+                whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
+            param.copy_(whole)
+
+
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def _file_names(model, names: list[str]) -> dict[str, str | None]:
+    """The name each of the model's parameters ``names`` has in the file ``save_pretrained`` writes (None: absent)."""
+    if not hasattr(model, "peft_config"):
+        return {name: name for name in names}
+    import torch
+    from peft import get_peft_model_state_dict
+
+    # PEFT's own renaming, as save_pretrained applies it; each name is recognized by its placeholder's identity
+    placeholders = {name: torch.empty(0) for name in names}
+    renamed = get_peft_model_state_dict(model, state_dict=placeholders, adapter_name=model.active_adapter)
+    saved_as = {id(tensor): saved for saved, tensor in renamed.items()}
+    return {name: saved_as.get(id(tensor)) for name, tensor in placeholders.items()}

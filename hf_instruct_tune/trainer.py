@@ -513,6 +513,42 @@ class InstructTrainer(SFTTrainer):
         if self.args.should_save:
             self._save(output_dir, state_dict=state_dict)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Under FSDP: the optimizer state gathered whole, written by process 0 next to the scheduler's."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super()._save_optimizer_and_scheduler(output_dir)
+        import torch
+        from transformers.trainer import SCHEDULER_NAME
+
+        from .fsdp import OPTIMIZER_FILE, save_optimizer
+
+        save_optimizer(self.model, self.optimizer, Path(output_dir) / OPTIMIZER_FILE, write=self.args.should_save)
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Under FSDP: every process loads the checkpoint's whole adapter into its shard of the model."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from .fsdp import load_adapter
+
+        load_adapter(self.model if model is None else model, resume_from_checkpoint)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Under FSDP: every process loads the whole optimizer state into its shard, and the scheduler."""
+        if not getattr(self, "is_fsdp_enabled", False) or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        import torch
+        from transformers.trainer import SCHEDULER_NAME
+
+        from .fsdp import OPTIMIZER_FILE, load_optimizer
+
+        folder = Path(checkpoint)
+        if not (folder / OPTIMIZER_FILE).is_file() or not (folder / SCHEDULER_NAME).is_file():
+            return  # as the Trainer does: a checkpoint saved without them resumes the weights only
+        load_optimizer(self.model, self.optimizer, folder / OPTIMIZER_FILE)
+        self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it into place (see :mod:`.checkpoints`)."""
         from transformers.trainer_utils import rotate_checkpoints

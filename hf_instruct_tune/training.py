@@ -57,7 +57,7 @@ def run_training(config: TrainConfig) -> TrainResult:
 
 def _run_training(config: TrainConfig) -> TrainResult:
     from .backends import resolve_backend
-    from .launch import fsdp_launched, quiet_replicas
+    from .launch import quiet_replicas
 
     quiet_replicas()  # under accelerate launch / torchrun every rank runs this; rank 0 speaks for them
     if not config.data:
@@ -71,9 +71,6 @@ def _run_training(config: TrainConfig) -> TrainResult:
     if (output_dir / "adapter_config.json").exists() and not (config.overwrite or config.resume):
         raise InputError("already holds an adapter; pass --overwrite to replace it, --resume to continue its "
                          "checkpoints, or choose another --output-dir", source=str(output_dir), field="output_dir")
-    if config.resume and fsdp_launched():
-        raise InputError("--resume is not supported under FSDP (the Trainer restores a checkpoint's sharded adapter "
-                         "only in part on some accelerate versions); start again with --overwrite", field="resume")
     checkpoint = last_checkpoint(output_dir) if config.resume else None
     if config.resume and checkpoint is None:
         raise InputError(f"no checkpoint to resume from in {output_dir / CHECKPOINTS_DIR}", source=str(output_dir),
@@ -117,10 +114,8 @@ def _run_training(config: TrainConfig) -> TrainResult:
                             f"{' with --resume' if kept else ''}.") from None
     if interrupt.interrupted:
         saved = last_checkpoint(output_dir)
-        again = ("FSDP runs cannot resume: run the same command with --overwrite to start again" if fsdp_launched()
-                 else "Run the same command with --resume to continue")
         raise TrainingInterrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved to {saved}. "
-                                  f"{again}.")
+                                  "Run the same command with --resume to continue.")
     _save_final(trainer, output_dir)
     for tokenized in (trainer.train_data, trainer.eval_data):
         if tokenized is not None:  # each rank tokenized into its own temporary folder

@@ -176,14 +176,15 @@ def test_fsdp_without_processes_is_a_one_line_error(tmp_path, capsys, monkeypatc
         "command with `accelerate launch --config_file examples/accelerate_fsdp.yaml`"]
 
 
-def test_resume_is_refused_under_fsdp(tmp_path, capsys, monkeypatch):
+def test_resume_under_fsdp_looks_for_the_checkpoint(tmp_path, capsys, monkeypatch):
+    """``--resume`` is accepted under FSDP (tests/test_fsdp_resume.py loads the checkpoint into sharded models)."""
     from hf_instruct_tune.cli import main
 
     data = tmp_path / "rows.jsonl"
     data.write_text('{"instruction": "hello", "output": "yes"}\n', encoding="utf-8")
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # as `accelerate launch --config_file examples/accelerate_fsdp.yaml`
     assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "out"), "--resume"]) == 2
-    assert "--resume is not supported under FSDP" in capsys.readouterr().err
+    assert "no checkpoint to resume from" in capsys.readouterr().err
 
 
 def test_fsdp_without_gpus_is_a_one_line_error(tmp_path, capsys):
