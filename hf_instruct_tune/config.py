@@ -75,6 +75,11 @@ class TrainConfig:
         "Compute the loss from hidden states, with logits only at supervised positions and never all at once "
         "(Cut Cross-Entropy on CUDA when installed, else chunked): the same loss, less memory and time. "
         "Default: on with the transformers backend (Unsloth fuses its own)."))
+    loss_kernel: str = field(default="auto", metadata=_help(
+        "The loss kernel: plain (logits, as --no-fused-loss), chunked (the fused loss, a chunk of logits at a "
+        "time, recomputed in backward) or cce (Cut Cross-Entropy, no logits). auto: as --fused-loss says, or the "
+        "memory plan decides (plain logits when they fit, else the fused loss).",
+        choices=("auto", "plain", "chunked", "cce")))
     attn_implementation: str = field(default="auto", metadata=_help(
         "Attention kernel. auto: with --packing on a CUDA GPU the fastest isolated one (flash_attention_2 if "
         "installed, else torch_varlen), otherwise the model's default.",

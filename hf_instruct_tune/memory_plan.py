@@ -8,7 +8,8 @@ fixed by the user; how they are cut into micro-batches is not, and neither is wh
    micro-batches are much faster: the per-micro-batch cost of a 4-bit model is mostly fixed);
 2. where the frozen input-embedding table lives: on the GPU when that micro-batch fits so, else in CPU memory;
 3. how many decoder layers recompute their activations in backward (as few as fit);
-4. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits).
+4. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits):
+   Cut Cross-Entropy where it is installed, else the chunked loss (:data:`AUTO_LOSS_KERNELS`); or the one given.
 
 None of these changes the loss or the gradients: the loss of a step is normalized by the supervised tokens
 of the whole step whatever the micro-batches, checkpointing recomputes the same values, and the fused loss
@@ -36,6 +37,12 @@ _TAIL_STDS = 0.5  # a large micro-batch: the mean tokens plus this many standard
 _PLAIN_LOSS_BYTES = 6  # per token and vocabulary entry: bf16 logits and their fp32 copy
 _FUSED_LOSS_BYTES = 16  # the same, for one chunk of tokens on the chunked path (none with Cut Cross-Entropy)
 _CHUNK_TOKENS = 1024
+
+LOSS_KERNELS = ("plain", "chunked", "cce")
+"""Plain logits, the chunked fused loss (one chunk's fp32 logits alive), Cut Cross-Entropy (no logits)."""
+AUTO_LOSS_KERNELS = ("plain", "fused")
+"""The kernels the plan tries, in this order, when none is given: the first that fits, else the last. ``"fused"``
+is Cut Cross-Entropy where it is available, else the chunked loss."""
 _COMPILED_LAYER_SHARE = 0.8  # of an eager layer's activations, what a compiled one keeps for backward (0.75 measured)
 
 
@@ -113,6 +120,8 @@ class MemoryPlan:
     """``"--max-memory"``, ``"free GPU memory"``, or ``"none"`` (nothing planned)."""
     compiled_layers: bool = False
     """The estimate is for compiled decoder layers (``compile_layers``), which keep less for backward."""
+    loss_kernel: str | None = None
+    """One of :data:`LOSS_KERNELS`; None: the fused loss's own choice when ``fused_loss``, else plain."""
 
     @property
     def fits(self) -> bool:
@@ -121,6 +130,8 @@ class MemoryPlan:
     def describe(self) -> str:
         """The one line the trainer logs."""
         loss = "fused cross-entropy" if self.fused_loss else "plain logits"
+        if self.fused_loss and self.loss_kernel:
+            loss += f" ({self.loss_kernel})"
         where = "CPU" if self.embeddings_on_cpu else "device"
         compiled = " (compiled)" if self.compiled_layers else ""
         if self.budget_gib is None:
@@ -142,6 +153,8 @@ class Fixed:
     checkpointing: bool | None = None
     fused_loss: bool | None = None
     embeddings_on_cpu: bool | None = None
+    loss_kernel: str | None = None
+    """One of :data:`LOSS_KERNELS` (it decides ``fused_loss``)."""
 
 
 def plan_memory(
@@ -174,22 +187,24 @@ def plan_memory(
         compiled_layers: the decoder layers will be compiled (they keep less for backward).
     """
     layers = shape.layers
+    kernels = _loss_kernels(fixed)
     if budget_gib is None:
         micro = given_micro_batch or rows_per_process
+        kernel = kernels[0] if fixed.loss_kernel or fixed.fused_loss is not None else "plain"
         return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro,
-                          layers if fixed.checkpointing else 0, layers, bool(fixed.fused_loss),
-                          bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers)
+                          layers if fixed.checkpointing else 0, layers, kernel != "plain",
+                          bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers, kernel)
     budget = budget_gib * GIB
-    lean_loss = True if fixed.fused_loss is None else fixed.fused_loss
+    lean_loss = kernels[-1]
     lean_embeddings = (can_offload_embeddings if fixed.embeddings_on_cpu is None else fixed.embeddings_on_cpu)
     checkpoint_choices = ([layers] if fixed.checkpointing else [0] if fixed.checkpointing is False
                           else list(range(layers + 1)))
     most_checkpointed = max(checkpoint_choices)
 
-    def cost(micro: int, checkpointed: int, fused: bool, on_cpu: bool) -> float:
+    def cost(micro: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
         return estimate_bytes(shape, tokens=micro_batch_tokens(row_lengths, micro, packed),
-                              checkpointed_layers=checkpointed, fused_loss=fused, embeddings_on_cpu=on_cpu,
-                              compiled_layers=compiled_layers)
+                              checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
+                              embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, loss_kernel=kernel)
 
     divisors = [d for d in range(rows_per_process, 0, -1) if rows_per_process % d == 0]
     micro = next((d for d in divisors if cost(d, most_checkpointed, lean_loss, lean_embeddings) <= budget), 1)
@@ -198,12 +213,21 @@ def plan_memory(
         on_cpu = False
     checkpointed = next((c for c in sorted(checkpoint_choices) if cost(micro, c, lean_loss, on_cpu) <= budget),
                         most_checkpointed)
-    fused = lean_loss
-    if fixed.fused_loss is None and cost(micro, checkpointed, False, on_cpu) <= budget:
-        fused = False
-    estimate = cost(micro, checkpointed, fused, on_cpu)
+    kernel = next((k for k in kernels if cost(micro, checkpointed, k, on_cpu) <= budget), lean_loss)
+    estimate = cost(micro, checkpointed, kernel, on_cpu)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
-                      layers, fused, on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers)
+                      layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
+                      kernel)
+
+
+def _loss_kernels(fixed: Fixed) -> tuple[str, ...]:
+    """The loss kernels the plan may choose, in the order it tries them."""
+    fused = "cce" if _cut_cross_entropy() else "chunked"
+    if fixed.loss_kernel:
+        return (fixed.loss_kernel,)
+    if fixed.fused_loss is not None:
+        return (fused,) if fixed.fused_loss else ("plain",)
+    return tuple(dict.fromkeys(fused if k == "fused" else k for k in AUTO_LOSS_KERNELS))
 
 
 def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool) -> int:
@@ -218,7 +242,7 @@ def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool) -> i
 
 
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
-                   embeddings_on_cpu: bool, compiled_layers: bool = False) -> float:
+                   embeddings_on_cpu: bool, compiled_layers: bool = False, loss_kernel: str | None = None) -> float:
     """Peak bytes of one training step on ``tokens`` tokens per micro-batch (bf16 activations).
 
     Compiled layers (``compiled_layers``) that are not checkpointed keep a fifth less for backward (torch.compile
@@ -227,13 +251,20 @@ def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, 
     per_layer = tokens * 2 * (10 * shape.hidden + 4.5 * shape.intermediate)  # what a layer keeps for backward
     kept = (shape.layers - checkpointed_layers) * per_layer * (_COMPILED_LAYER_SHARE if compiled_layers else 1)
     checkpoints = checkpointed_layers * tokens * shape.hidden * 2 + (per_layer if checkpointed_layers else 0)
-    loss_tokens = min(tokens, _CHUNK_TOKENS) if fused_loss else tokens
-    loss = loss_tokens * shape.vocab * (_FUSED_LOSS_BYTES if fused_loss else _PLAIN_LOSS_BYTES)
-    if fused_loss and _cut_cross_entropy():
-        loss = tokens * shape.hidden * 2 * 2
+    loss = loss_bytes(shape, tokens, loss_kernel or (("cce" if _cut_cross_entropy() else "chunked") if fused_loss
+                                                     else "plain"))
     weights = shape.weight_bytes - (shape.embedding_bytes if embeddings_on_cpu else 0)
     optimizer = shape.trainable_params * 16  # fp32 weights, gradients and two Adam moments
     return weights + optimizer + kept + checkpoints + loss + _OVERHEAD_BYTES
+
+
+def loss_bytes(shape: ModelShape, tokens: int, kernel: str) -> float:
+    """Peak bytes of the loss of ``tokens`` tokens with ``kernel`` (one of :data:`LOSS_KERNELS`)."""
+    if kernel == "cce":  # the hidden states' bf16 copy and gradient
+        return tokens * shape.hidden * 2 * 2
+    if kernel == "chunked":  # one chunk's fp32 logits and their gradient, with their bf16 copies
+        return min(tokens, _CHUNK_TOKENS) * shape.vocab * _FUSED_LOSS_BYTES
+    return tokens * shape.vocab * _PLAIN_LOSS_BYTES
 
 
 def gpu_budget_gib(device_index: int) -> float:

@@ -285,10 +285,11 @@ class SharingStats:
 
 def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, softcap: float | None = None,
                        num_items_in_batch: Any = None, num_processes: int = 1,
-                       stats: SharingStats | None = None) -> tuple[torch.Tensor, Any]:
+                       stats: SharingStats | None = None, implementation: str = "auto") -> tuple[torch.Tensor, Any]:
     """The causal-LM loss of a shared-prefix batch, normalized like transformers' (``num_items_in_batch``).
 
-    ``head``: the ``lm_head`` when the model returns hidden states (fused loss), else None (it returns logits).
+    ``head``: the ``lm_head`` when the model returns hidden states (fused loss), else None (it returns logits);
+    ``implementation``: the fused loss's kernel (see :func:`~hf_instruct_tune.loss.fused_cross_entropy`).
     Returns ``(loss, outputs)``.
     """
     from .loss import normalized_loss, predictions_cross_entropy
@@ -307,7 +308,8 @@ def shared_prefix_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, 
     chosen = outputs.logits[0]
     if head is not None:
         loss = predictions_cross_entropy(chosen, head.weight, targets, bias=head.bias, softcap=softcap,
-                                         num_items_in_batch=num_items_in_batch, num_processes=num_processes)
+                                         num_items_in_batch=num_items_in_batch, num_processes=num_processes,
+                                         implementation=implementation)
     else:
         total = F.cross_entropy(chosen.float(), targets.to(chosen.device), ignore_index=IGNORE_INDEX, reduction="sum")
         loss = normalized_loss(total, targets, num_items_in_batch, num_processes)

@@ -63,6 +63,9 @@ class InstructTrainer(SFTTrainer):
             loss and gradients, a fraction of the memory on large vocabularies. During ``train()`` the
             ``lm_head`` module is replaced by ``nn.Identity`` (it is put back for saving and afterwards);
             TRL's ``entropy`` and ``mean_token_accuracy`` metrics are not logged.
+        loss_kernel: ``"plain"`` (logits, as ``fused_loss=False``), ``"chunked"`` (the fused loss in chunks of
+            logits recomputed in backward) or ``"cce"`` (Cut Cross-Entropy); None or ``"auto"`` (default): as
+            ``fused_loss`` says, or the memory plan decides (plain logits when they fit, else the fused loss).
         memory_plan: cut each optimizer step into micro-batches and choose the layers to checkpoint, the loss
             kernel and the input embeddings' place from the memory budget (:mod:`hf_instruct_tune.memory_plan`):
             ``args.per_device_train_batch_size x args.gradient_accumulation_steps`` rows per process and step
@@ -130,6 +133,7 @@ class InstructTrainer(SFTTrainer):
         language: str | list[str] | None = None,
         license: str | None = None,
         fused_loss: bool | None = None,
+        loss_kernel: str | None = None,
         prefix_sharing: bool | None = None,
         memory_plan: bool | None = None,
         max_memory: float | None = None,
@@ -163,6 +167,9 @@ class InstructTrainer(SFTTrainer):
         self.train_data = self._tokenized(train_dataset, source, format_row)
         self.eval_data = (self._tokenized(eval_dataset, DataSource.open(eval_dataset, name="eval_dataset"), format_row)
                           if eval_dataset is not None else None)
+        self.loss_kernel = _loss_kernel(loss_kernel, fused_loss)
+        if self.loss_kernel is not None:
+            fused_loss = self.loss_kernel != "plain"
         self.fused_loss = bool(fused_loss)
         self._lm_head: tuple[Any, str, Any] | None = None  # (parent module, attribute, the head) while swapped
 
@@ -220,6 +227,7 @@ class InstructTrainer(SFTTrainer):
         """Plan the steps (see ``memory_plan``) and set ``args`` and the model up for it; None when off."""
         import torch
 
+        fixed = dataclasses.replace(fixed, loss_kernel=self.loss_kernel)
         if fixed.checkpointing is None and _checkpointing_arg(args) is False:
             fixed = dataclasses.replace(fixed, checkpointing=False)
         on = wanted if wanted is not None else (max_memory is not None or torch.cuda.is_available())
@@ -354,7 +362,8 @@ class InstructTrainer(SFTTrainer):
         config = getattr(self.model, "config", None)
         loss = fused_cross_entropy(hidden, head.weight, labels, bias=head.bias, num_items_in_batch=num_items_in_batch,
                                    softcap=getattr(config, "final_logit_softcapping", None),
-                                   num_processes=scale if num_items_in_batch is not None else 1)
+                                   num_processes=scale if num_items_in_batch is not None else 1,
+                                   implementation=self._fused_implementation)
         mode = "train" if self.model.training else "eval"
         if mode == "train" and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
             local = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel(), device=labels.device)
@@ -365,13 +374,19 @@ class InstructTrainer(SFTTrainer):
             return loss, outputs
         return loss
 
+    @property
+    def _fused_implementation(self) -> str:
+        """The fused loss's kernel: the one given, else its own choice (Cut Cross-Entropy where it runs)."""
+        return self.loss_kernel if self.loss_kernel in ("chunked", "cce") else "auto"
+
     def _shared_prefix_loss(self, model, inputs, return_outputs, num_items_in_batch):
         scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         config = getattr(self.model, "config", None)
         loss, outputs = shared_prefix_loss(
             model, inputs, head=self._lm_head[2] if self._lm_head is not None else None,
             softcap=getattr(config, "final_logit_softcapping", None), num_items_in_batch=num_items_in_batch,
-            num_processes=scale if num_items_in_batch is not None else 1, stats=self.sharing_stats)
+            num_processes=scale if num_items_in_batch is not None else 1, stats=self.sharing_stats,
+            implementation=self._fused_implementation)
         if self.model.training and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
             local = inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
             self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
@@ -676,6 +691,25 @@ def _set_checkpointing_arg(args, on: bool) -> None:
     args.gradient_checkpointing = on
     if hasattr(args, "activation_checkpointing"):
         args.activation_checkpointing = on
+
+
+def _loss_kernel(asked: str | None, fused_loss: bool | None) -> str | None:
+    """``loss_kernel`` checked, and against ``fused_loss``; None for ``"auto"``."""
+    from .loss import cce_available
+    from .memory_plan import LOSS_KERNELS
+
+    if asked in (None, "auto"):
+        return None
+    if asked not in LOSS_KERNELS:
+        raise InputError(f"`loss_kernel` should be one of auto, {', '.join(LOSS_KERNELS)}, got {asked!r}.",
+                         field="loss_kernel")
+    if fused_loss is not None and fused_loss != (asked != "plain"):
+        raise InputError(f"`loss_kernel` {asked!r} contradicts `fused_loss={fused_loss}`; give one of them.",
+                         field="loss_kernel")
+    if asked == "cce" and not cce_available():
+        raise InputError("`loss_kernel` 'cce' needs the cut_cross_entropy package and a CUDA GPU; use 'chunked'.",
+                         field="loss_kernel")
+    return asked
 
 
 def _prefix_sharing_wanted(asked: bool | None, model) -> bool:

@@ -158,7 +158,8 @@ def memory_plan_wanted(config: TrainConfig, backend: str) -> bool:
 
 
 def _fused_loss(config: TrainConfig, backend: str) -> bool | None:
-    """``--fused-loss`` as given; else the plan's choice, or on for the transformers backend without a plan.
+    """``--fused-loss`` as given, else as ``--loss-kernel`` says; else the plan's choice, or on for the
+    transformers backend without a plan.
 
     Under FSDP the output head is sharded with the rest of the model, so the loss goes through it (off).
     """
@@ -166,6 +167,8 @@ def _fused_loss(config: TrainConfig, backend: str) -> bool | None:
 
     if config.fused_loss is not None:
         return config.fused_loss
+    if config.loss_kernel != "auto":
+        return config.loss_kernel != "plain"
     if fsdp_launched():
         return False
     if memory_plan_wanted(config, backend):
@@ -178,6 +181,9 @@ def _load_model(config: TrainConfig, spec, backend: str):
     if backend == "unsloth" and config.fused_loss:  # explicitly asked for
         raise InputError("Unsloth computes its own fused loss; drop --fused-loss or use --backend transformers",
                          field="fused_loss")
+    if backend == "unsloth" and config.loss_kernel != "auto":
+        raise InputError("Unsloth computes its own loss; drop --loss-kernel or use --backend transformers",
+                         field="loss_kernel")
     if backend == "unsloth" and config.offload_embeddings:
         raise InputError("--offload-embeddings works with --backend transformers only", field="offload_embeddings")
     if backend == "unsloth" and config.compile_layers:
@@ -285,7 +291,8 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         processing_class=tokenizer, peft_config=peft_config, template=template,
         formatter=formatter or config.formatter, train_on_prompt=config.train_on_prompt, overlong=config.overlong,
         base_model_id=spec.base_model_id, dataset_name=source.name, language=config.language,
-        license=config.license, fused_loss=_fused_loss(config, backend), prefix_sharing=config.prefix_sharing,
+        license=config.license, fused_loss=_fused_loss(config, backend), loss_kernel=config.loss_kernel,
+        prefix_sharing=config.prefix_sharing,
         memory_plan=planned, max_memory=config.max_memory,
         gradient_checkpointing=config.gradient_checkpointing if planned else None,
         offload_embeddings=(False if fsdp_launched() else config.offload_embeddings) if planned else None,

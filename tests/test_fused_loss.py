@@ -89,7 +89,7 @@ def test_collator_adds_flash_kwargs_when_asked(tok):
     assert "cu_seq_lens_q" not in EOSSafeCollator(pad_token_id=tok.pad_token_id, padding_free=True)(_features())
 
 
-def _run(tok, tmp_path, *, fused, packing, train_dataset=None):
+def _run(tok, tmp_path, *, fused, packing, train_dataset=None, loss_kernel=None):
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig
@@ -97,11 +97,11 @@ def _run(tok, tmp_path, *, fused, packing, train_dataset=None):
     from hf_instruct_tune.testing.tiny import build_tiny_model
     from hf_instruct_tune.trainer import InstructTrainer
 
-    args = SFTConfig(output_dir=str(tmp_path / f"out-{fused}"), max_steps=2, per_device_train_batch_size=2,
+    args = SFTConfig(output_dir=str(tmp_path / f"out-{fused}-{loss_kernel}"), max_steps=2, per_device_train_batch_size=2,
                      gradient_accumulation_steps=2, use_cpu=True, report_to=[], logging_steps=1, save_strategy="no",
                      learning_rate=1e-2, max_length=128, seed=0, dataloader_num_workers=0, packing=packing)
     trainer = InstructTrainer(build_tiny_model(tok), args, train_dataset=train_dataset or Dataset.from_list(ROWS * 2),
-                              processing_class=tok, fused_loss=fused, prefix_sharing=False,
+                              processing_class=tok, fused_loss=fused, loss_kernel=loss_kernel, prefix_sharing=False,
                               peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                      task_type="CAUSAL_LM"))
     trainer.train()
@@ -118,7 +118,7 @@ def test_trainer_fused_loss_logs_the_same_losses(tok, tmp_path, monkeypatch, pac
     fused_cross_entropy_ = hf_instruct_tune.loss.fused_cross_entropy
 
     def counted(*args, **kwargs):
-        calls.append(args[0].shape)
+        calls.append((args[0].shape, kwargs["implementation"]))
         return fused_cross_entropy_(*args, **kwargs)
 
     monkeypatch.setattr(hf_instruct_tune.loss, "fused_cross_entropy", counted)
@@ -126,9 +126,15 @@ def test_trainer_fused_loss_logs_the_same_losses(tok, tmp_path, monkeypatch, pac
     assert not calls
     trainer, fused = _run(tok, tmp_path, fused=True, packing=packing)
     assert len(calls) == 4  # 2 steps of 2 micro-batches, each through the fused loss on hidden states
-    assert all(shape[-1] == 32 for shape in calls)  # the hidden size, not the vocabulary
+    assert all(shape[-1] == 32 and kernel == "auto" for shape, kernel in calls)  # the hidden size, not the vocabulary
     assert len(fused) == len(plain) == 2
     assert_close(torch.tensor(fused), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+    calls.clear()
+    _, chunked = _run(tok, tmp_path, fused=None, packing=packing, loss_kernel="chunked")
+    assert [kernel for _, kernel in calls] == ["chunked"] * 4
+    assert_close(torch.tensor(chunked), torch.tensor(plain), rtol=1e-4, atol=1e-5)
+    calls.clear()
+    assert _run(tok, tmp_path, fused=None, packing=packing, loss_kernel="plain")[1] == plain and not calls
     head = trainer.model.get_output_embeddings()
     assert type(head) is torch.nn.Linear and trainer._lm_head is None  # restored after train()
     trainer.save_model(str(tmp_path / "saved"))
@@ -151,6 +157,9 @@ def test_train_config_flags():
     from hf_instruct_tune.training import _attn_implementation
 
     assert TrainConfig(fused_loss="true").fused_loss is True
+    assert TrainConfig(loss_kernel="chunked").loss_kernel == "chunked"
+    with pytest.raises(InputError, match="loss_kernel"):
+        TrainConfig(loss_kernel="fast")
     assert TrainConfig(offload_embeddings=True).offload_embeddings is True  # any base, not only 4-bit
     with pytest.raises(InputError, match="max_memory"):
         TrainConfig(max_memory=0)
@@ -159,3 +168,21 @@ def test_train_config_flags():
     assert _attn_implementation(TrainConfig(attn_implementation="eager")) == "eager"
     if not torch.cuda.is_available():
         assert _attn_implementation(TrainConfig(packing=True)) is None  # the model's default on a CPU
+
+
+def test_loss_kernel_decides_the_fused_loss_and_contradictions_are_refused():
+    from hf_instruct_tune.config import TrainConfig
+    from hf_instruct_tune.errors import InputError
+    from hf_instruct_tune.loss import cce_available
+    from hf_instruct_tune.trainer import _loss_kernel
+    from hf_instruct_tune.training import _fused_loss
+
+    assert _fused_loss(TrainConfig(loss_kernel="chunked", memory_plan=False), "transformers") is True
+    assert _fused_loss(TrainConfig(loss_kernel="plain", memory_plan=False), "transformers") is False
+    assert _loss_kernel("auto", None) is None and _loss_kernel("chunked", True) == "chunked"
+    for kernel, fused in (("plain", True), ("chunked", False)):
+        with pytest.raises(InputError, match="loss_kernel"):
+            _loss_kernel(kernel, fused)
+    if not cce_available():
+        with pytest.raises(InputError, match="cut_cross_entropy"):
+            _loss_kernel("cce", None)

@@ -260,3 +260,17 @@ def test_without_a_plan_checkpointing_is_as_given(tmp_path, checkpointing):
     trainer = tiny_lora_trainer(tmp_path, ROWS[:4], num_layers=2, max_steps=1, memory_plan=False,
                                 gradient_checkpointing=checkpointing, config={"gradient_checkpointing": not checkpointing})
     assert _attention_calls_in_one_step(trainer) == [2 if checkpointing else 1] * 2
+
+
+def test_the_plan_takes_the_loss_kernel_given_and_counts_its_memory(monkeypatch):
+    monkeypatch.setattr("hf_instruct_tune.memory_plan._cut_cross_entropy", lambda: True)
+    assert (_plan(139).loss_kernel, _plan(8).loss_kernel) == ("plain", "cce")  # as before: plain when it fits
+    roomy, tight = _plan(139, fixed=Fixed(loss_kernel="chunked")), _plan(8, fixed=Fixed(loss_kernel="chunked"))
+    assert roomy.loss_kernel == tight.loss_kernel == "chunked" and roomy.fused_loss and tight.fits
+    assert "loss: fused cross-entropy (chunked)" in tight.describe()
+    # one chunk's fp32 logits and their gradient (1,024 tokens x the vocabulary, with bf16 copies) instead of
+    # Cut Cross-Entropy's hidden states: the 8 GiB plan makes room for them with smaller micro-batches
+    options = dict(tokens=BENCH_STEP_TOKENS, checkpointed_layers=32, fused_loss=True, embeddings_on_cpu=True)
+    chunked, cce = (estimate_bytes(LLAMA3_8B_NF4, **options, loss_kernel=k) for k in ("chunked", "cce"))
+    assert chunked - cce == 1024 * 128256 * 16 - BENCH_STEP_TOKENS * 4096 * 4
+    assert tight.micro_batch < _plan(8).micro_batch
