@@ -27,6 +27,12 @@ if [ "$PART" = package ]; then
   for B in ${BUDGETS:-8 12 32 64}; do
     run python3 bench/gpu_frontier.py cli max_memory_$B $M $DATA $OUT --load-in-4bit --max-memory $B
   done
+  # CLI runs with explicit flags, to isolate one lever: PACKAGE_DIAG="name1 --flag ...;name2 --flag ..."
+  IFS=';' read -ra diag <<< "${PACKAGE_DIAG:-}"
+  for d in "${diag[@]}"; do
+    set -- $d; name=$1; shift
+    run python3 bench/gpu_frontier.py cli $name $M $DATA $OUT --load-in-4bit "$@"
+  done
   # the same with compiled decoder layers: COMPILE_BUDGETS="32 none" (none: no --max-memory)
   for B in ${COMPILE_BUDGETS:-}; do
     limit=(); [ "$B" = none ] || limit=(--max-memory $B)

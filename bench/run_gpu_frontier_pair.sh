@@ -17,6 +17,9 @@ left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }
 [ -f $M/config.json ] || PYTHONPATH=/tmp/site python3 bench/gpu_bench.py make $M 2>&1 | tail -1
 [ -f $DATA ] || PYTHONPATH=/tmp/site:$PWD python3 bench/gpu_frontier.py data $DATA
 export COMPILE_BUDGETS=${COMPILE_BUDGETS-"32 none"}
+# the 8 GiB plan's settings given as flags, right after the planned run (the frontier before: 3,241 against 5,980)
+export PACKAGE_DIAG=${PACKAGE_DIAG-"flags_8 --gradient-checkpointing --fused-loss --offload-embeddings --no-memory-plan \
+--batch-size 16 --grad-accum 1"}
 # Unsloth with and without its checkpointing, padded and padding-free, 16 x 1 and 4 x 4; transformers+peft padded
 export BASELINES=${BASELINES:-"unsloth --bs 16 --ga 1 --padding-free --no-ckpt;unsloth --bs 16 --ga 1 --padding-free;\
 unsloth --bs 4 --ga 4 --padding-free --no-ckpt;unsloth --bs 16 --ga 1;hf --bs 4 --ga 4"}
