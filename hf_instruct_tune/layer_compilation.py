@@ -7,13 +7,29 @@ compiled as dynamic, so micro-batches of any token count reuse the same graphs.
 
 The first steps pay for the compilation; the loss and gradients are those of the eager layers, within
 floating-point reordering.
+
+By default (``compile_layers=None``, "auto") the layers are compiled on a CUDA GPU when the run is long enough to
+pay the compilation back (:func:`decide_compilation`): on one H200, compiling Llama-3-8B's 32 layers took ~68 s
+and made each token ~10 us faster with no layer checkpointed, ~25 us with every layer checkpointed (the
+recomputed forward is compiled too), so it paid for itself after ~6.5M tokens, or ~2.7M. Auto asks for three
+times that (:data:`PAYBACK_MARGIN`): a smaller model saves less per token for a similar compilation time.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
+
+COMPILE_SECONDS = 68.0
+"""Wall time of compiling Llama-3-8B's 32 decoder layers (NF4, LoRA) on one H200 (BENCHMARKS.md, "GPU")."""
+SAVED_SECONDS_PER_TOKEN = {"none checkpointed": 0.044 / 4_200, "all checkpointed": 0.126 / 4_943}
+"""Step time compiled layers saved per token there: a step of 4,200 tokens 0.044 s shorter with no layer
+checkpointed (the CLI), one of 4,943 tokens 0.126 s shorter with every layer checkpointed (the profile)."""
+PAYBACK_MARGIN = 3
+"""Auto compiles when the planned tokens pay the measured compilation time back this many times over."""
 
 
 def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
@@ -51,3 +67,88 @@ def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
 def is_compiled(layer) -> bool:
     """Whether ``layer.compile()`` was called on ``layer``."""
     return getattr(layer, "_compiled_call_impl", None) is not None
+
+
+def payback_tokens(checkpointed_fraction: float) -> int:
+    """Tokens per process from which auto compiles: :data:`PAYBACK_MARGIN` times the measured break-even at
+    this fraction of the layers checkpointed (~19.5M with none, ~8.0M with all), the saving per token
+    interpolated between the two measurements."""
+    none, every = SAVED_SECONDS_PER_TOKEN["none checkpointed"], SAVED_SECONDS_PER_TOKEN["all checkpointed"]
+    fraction = min(max(checkpointed_fraction, 0.0), 1.0)
+    return int(PAYBACK_MARGIN * COMPILE_SECONDS / (none + fraction * (every - none)))
+
+
+def planned_tokens(mean_row_tokens: float, rows: int, *, rows_per_step: int, max_steps: int, epochs: float,
+                   processes: int = 1) -> int:
+    """Tokens each process will train on: ``max_steps`` x its ``rows_per_step`` rows when ``max_steps`` > 0,
+    else ``epochs`` x its share of the ``rows``, at ``mean_row_tokens`` a row."""
+    planned_rows = max_steps * rows_per_step if max_steps > 0 else epochs * rows / max(processes, 1)
+    return int(planned_rows * mean_row_tokens)
+
+
+@dataclass(frozen=True)
+class CompileDecision:
+    """Whether the decoder layers are compiled, and why; logged in one line and kept in ``hf_instruct_tune.json``."""
+
+    compiled: bool
+    asked: bool | None
+    """``compile_layers`` as given: ``None`` for auto."""
+    reason: str
+    planned_tokens: int | None = None
+    """Tokens per process the run plans (auto only)."""
+    threshold_tokens: int | None = None
+    """:func:`payback_tokens` at the plan's checkpointed layers (auto only)."""
+
+    def describe(self) -> str:
+        """The one line the trainer logs."""
+        return f"Compiled layers: {'on' if self.compiled else 'off'} ({self.reason})"
+
+    def as_metadata(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def decide_compilation(asked: bool | None, *, device: str, planned_tokens: int, checkpointed_fraction: float,
+                       unsloth: bool = False, fsdp: bool = False, blocker: str | None = None) -> CompileDecision:
+    """Whether to compile the decoder layers: as ``asked`` (True or False), or for ``None`` (auto) on a CUDA
+    ``device`` only, never with Unsloth or FSDP (not measured there), and only when ``planned_tokens`` per process
+    reach :func:`payback_tokens` at ``checkpointed_fraction``. ``blocker`` (from :func:`compilation_blocker`) says
+    why the layers cannot be compiled at all; it wins even over ``asked=True``."""
+    if blocker is not None:
+        return CompileDecision(False, asked, f"{'compile_layers=True, but ' if asked else ''}{blocker}")
+    if asked is not None:
+        return CompileDecision(asked, asked, f"compile_layers={asked}")
+    threshold = payback_tokens(checkpointed_fraction)
+    if device != "cuda":
+        reason = f"auto: not on {device}, where compiling costs more than it saves"
+    elif unsloth:
+        reason = "auto: Unsloth patches the layers with its own kernels"
+    elif fsdp:
+        reason = "auto: not measured under FSDP"
+    else:
+        on = planned_tokens >= threshold
+        reason = (f"auto: {planned_tokens / 1e6:.1f}M tokens per process planned {'>=' if on else '<'} "
+                  f"{threshold / 1e6:.1f}M, which pay the compilation back {PAYBACK_MARGIN}x with "
+                  f"{checkpointed_fraction:.0%} of the layers checkpointed")
+        return CompileDecision(on, None, reason, planned_tokens, threshold)
+    return CompileDecision(False, None, reason, planned_tokens, threshold)
+
+
+def compilation_blocker(model, device: str) -> str | None:
+    """Why the decoder layers of ``model`` (a model, or a name still to load) cannot be compiled on ``device``;
+    ``None`` when they can."""
+    import torch
+
+    from .memory_plan import _decoder_layers
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile is not supported on this Python"
+    if device == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            return "torch.compile needs Triton on the GPU, and it is not installed"
+    if not isinstance(model, str):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        if not _decoder_layers(base):
+            return f"no transformers decoder layers found in {type(base).__name__}"
+    return None

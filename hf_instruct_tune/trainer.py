@@ -23,7 +23,8 @@ from .prefix_sharing import (BLOCK_MASK_ATTENTIONS, MASK_ATTENTIONS, SharingStat
 from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
 from .language import guess_language
-from .layer_compilation import compile_decoder_layers
+from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
+                                planned_tokens)
 from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
@@ -92,7 +93,9 @@ class InstructTrainer(SFTTrainer):
             the work is, with and without.
         compile_layers: compile each decoder layer with ``torch.compile`` (regional compilation,
             :mod:`hf_instruct_tune.layer_compilation`): the same loss, fewer kernels per step once the first
-            steps have compiled them. Default: off.
+            steps have compiled them. None (default): on a CUDA GPU when the planned tokens pay the compilation
+            back (~20M tokens per process with no layer checkpointed, ~8M with all), never on CPU or with
+            Unsloth. The decision is logged in one line and kept as ``trainer.compilation``.
 
     A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
     no template, no length check): labels are -100 where no loss is taken and hold the stop token.
@@ -140,7 +143,7 @@ class InstructTrainer(SFTTrainer):
         gradient_checkpointing: bool | None = None,
         offload_embeddings: bool | None = None,
         balance_ranks: bool = True,
-        compile_layers: bool = False,
+        compile_layers: bool | None = None,
         **kwargs: Any,
     ):
         if train_dataset is None:
@@ -183,8 +186,12 @@ class InstructTrainer(SFTTrainer):
         self.sharing_stats = SharingStats()
         if self.prefix_sharing:
             _merge_cpu_micro_batches(args, self.train_data.dataset)
+        self.compilation: CompileDecision  # set by _plan_memory, which judges it from the plan
         self.memory_plan = self._plan_memory(model, args, kwargs.get("peft_config"), memory_plan, max_memory,
-                                             Fixed(gradient_checkpointing, fused_loss, offload_embeddings))
+                                             Fixed(gradient_checkpointing, fused_loss, offload_embeddings),
+                                             compile_layers)
+        (logger.warning if compile_layers and not self.compilation.compiled else logger.info)(
+            self.compilation.describe())
         if data_collator is None:
             data_collator = EOSSafeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=self.packing,
                                             pad_to_multiple_of=args.pad_to_multiple_of,
@@ -209,8 +216,8 @@ class InstructTrainer(SFTTrainer):
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
         if self.memory_plan is not None:
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
-        self.compile_layers = compile_layers
-        if compile_layers:
+        self.compile_layers = self.compilation.compiled
+        if self.compile_layers:
             compile_decoder_layers(self.model)
         self.throughput = Throughput()
         self.tokens_per_second: float | None = None
@@ -223,8 +230,11 @@ class InstructTrainer(SFTTrainer):
             self.add_callback(FSDPPrefetch())
 
     def _plan_memory(self, model, args, peft_config, wanted: bool | None, max_memory: float | None,
-                     fixed: Fixed) -> MemoryPlan | None:
-        """Plan the steps (see ``memory_plan``) and set ``args`` and the model up for it; None when off."""
+                     fixed: Fixed, compile_layers: bool | None) -> MemoryPlan | None:
+        """Plan the steps (see ``memory_plan``) and set ``args`` and the model up for it; None when off.
+
+        Also decides ``self.compilation`` from the plan's checkpointed layers, and plans for compiled layers
+        when they will be."""
         import torch
 
         fixed = dataclasses.replace(fixed, loss_kernel=self.loss_kernel)
@@ -234,11 +244,20 @@ class InstructTrainer(SFTTrainer):
         if not on or isinstance(model, str):
             if fixed.checkpointing is not None:
                 _set_checkpointing_arg(args, fixed.checkpointing)
+            self.compilation = self._decide_compilation(compile_layers, model, args,
+                                                        1.0 if _checkpointing_arg(args) else 0.0)
             if fixed.embeddings_on_cpu and not isinstance(model, str):
                 offload_input_embeddings(model)
             return None
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed)
+        # judged at the eager plan's checkpointed layers: planned for compiled layers, as many or fewer are
+        # checkpointed, which only adds to what compiling saves
+        self.compilation = self._decide_compilation(compile_layers, model, args,
+                                                    plan.checkpointed_layers / max(plan.layers, 1))
+        if self.compilation.compiled:
+            plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing,
+                                    peft_config=peft_config, max_memory=max_memory, fixed=fixed, compiled_layers=True)
         args.per_device_train_batch_size = plan.micro_batch
         args.gradient_accumulation_steps = plan.grad_accum
         _set_checkpointing_arg(args, False)  # the plan's layers are set after PEFT wraps the model
@@ -247,6 +266,24 @@ class InstructTrainer(SFTTrainer):
         self.fused_loss = plan.fused_loss
         logger.info(plan.describe())
         return plan
+
+    def _decide_compilation(self, asked: bool | None, model, args, checkpointed_fraction: float) -> CompileDecision:
+        """``compile_layers`` resolved (see :func:`~hf_instruct_tune.layer_compilation.decide_compilation`)."""
+        import torch
+
+        from .launch import fsdp_launched, world_size
+
+        device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+        dataset = self.train_data.dataset
+        sample = dataset.select(range(min(len(dataset), 10_000))) if hasattr(dataset, "select") else dataset
+        lengths = [len(ids) for ids in sample["input_ids"]]
+        tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(dataset),
+                                rows_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
+                                max_steps=args.max_steps, epochs=args.num_train_epochs, processes=world_size())
+        return decide_compilation(asked, device=device, planned_tokens=tokens,
+                                  checkpointed_fraction=checkpointed_fraction,
+                                  unsloth=not isinstance(model, str) and _is_unsloth(model), fsdp=fsdp_launched(),
+                                  blocker=compilation_blocker(model, device))
 
     def _tokenized(self, data, source: DataSource, format_row) -> TokenizedData:
         if is_pretokenized(data):
@@ -472,6 +509,7 @@ class InstructTrainer(SFTTrainer):
                 getattr(args.optim, "value", args.optim)), "packing": self.packing,
             "train_on_prompt": self.encoder.train_on_prompt, "overlong": self.encoder.overlong,
             "prefix_sharing": self.prefix_sharing, "balance_ranks": self.rank_balance is not None,
+            "compile_layers": self.compilation.as_metadata(),
         }
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]

@@ -64,16 +64,107 @@ def test_layers_compile_to_one_graph_for_the_whole_run(tmp_path, monkeypatch):
     assert graphs_after_step == [1, 1, 1, 1]
 
 
-def test_compile_layers_is_off_by_default(tmp_path):
+def test_on_cpu_auto_leaves_the_layers_eager_and_records_why(tmp_path, caplog):
+    import json
+
     from hf_instruct_tune.layer_compilation import is_compiled
     from hf_instruct_tune.memory_plan import _decoder_layers
 
-    trainer, _ = _train(tmp_path, "default", checkpointing=False)
+    with caplog.at_level("INFO", logger="hf_instruct_tune.trainer"):
+        trainer, _ = _train(tmp_path, "default", checkpointing=False)
     assert not any(is_compiled(layer) for layer in _decoder_layers(trainer.model.get_base_model()))
+    assert trainer.compilation.asked is None and not trainer.compilation.compiled
+    assert "Compiled layers: off (auto: not on cpu" in caplog.text
+    trainer.save_run_files(tmp_path / "saved")
+    recorded = json.loads((tmp_path / "saved" / "hf_instruct_tune.json").read_text())["training"]["compile_layers"]
+    assert recorded["compiled"] is False and recorded["reason"].startswith("auto: not on cpu")
+
+
+def test_the_trainer_judges_the_run_from_its_planned_tokens(tmp_path, monkeypatch):
+    from trl import SFTConfig
+
+    import hf_instruct_tune.trainer as trainer_module
+    from hf_instruct_tune import InstructTrainer
+    from hf_instruct_tune.layer_compilation import CompileDecision
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    asked = {}
+
+    def decide(compile_layers, **kwargs):
+        asked.update(kwargs, compile_layers=compile_layers)
+        return CompileDecision(False, compile_layers, "recorded")
+
+    monkeypatch.setattr(trainer_module, "decide_compilation", decide)
+    model = build_tiny_model(build_tiny_tokenizer(), num_layers=2)
+    args = SFTConfig(output_dir=str(tmp_path), per_device_train_batch_size=2, gradient_accumulation_steps=3,
+                     max_steps=5, use_cpu=True, gradient_checkpointing=True, report_to=[], max_length=64)
+    trainer = InstructTrainer(model=model, args=args, train_dataset=ROWS, processing_class=build_tiny_tokenizer(),
+                              template="alpaca", memory_plan=False, prefix_sharing=False)
+    lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+    assert asked["planned_tokens"] == int(5 * 6 * sum(lengths) / len(lengths))  # steps x rows per step x mean
+    assert asked["device"] == "cpu" and asked["checkpointed_fraction"] == 1.0 and asked["compile_layers"] is None
+    assert not asked["unsloth"] and asked["blocker"] is None
+
+
+# -- the auto decision, without compiling anything ----------------------------------------------------
+
+def _decide(asked=None, *, device="cuda", tokens=50_000_000, checkpointed=0.0, **kwargs):
+    from hf_instruct_tune.layer_compilation import decide_compilation
+
+    return decide_compilation(asked, device=device, planned_tokens=tokens, checkpointed_fraction=checkpointed,
+                              **kwargs)
+
+
+def test_auto_compiles_a_long_run_on_cuda_only():
+    long_run, short_run = _decide(tokens=25_000_000), _decide(tokens=5_000_000)
+    assert long_run.compiled and (long_run.planned_tokens, long_run.threshold_tokens) == (25_000_000, 19_472_727)
+    assert "25.0M tokens per process planned >= 19.5M" in long_run.describe()
+    assert not short_run.compiled and "5.0M tokens per process planned < 19.5M" in short_run.describe()
+    assert not _decide(device="cpu").compiled
+    assert not _decide(unsloth=True).compiled
+    assert not _decide(fsdp=True).compiled
+
+
+def test_checkpointed_layers_lower_the_threshold():
+    from hf_instruct_tune.layer_compilation import payback_tokens
+
+    # three times the measured break-even: ~6.5M tokens with no layer checkpointed, ~2.7M with all
+    assert payback_tokens(0.0) == pytest.approx(19.5e6, rel=0.01)
+    assert payback_tokens(1.0) == pytest.approx(8.0e6, rel=0.01)
+    assert payback_tokens(0.0) > payback_tokens(0.5) > payback_tokens(1.0)
+    assert _decide(tokens=10_000_000, checkpointed=1.0).compiled
+    assert not _decide(tokens=10_000_000, checkpointed=0.0).compiled
+
+
+def test_explicit_choices_win_but_not_over_layers_that_cannot_compile():
+    assert _decide(True, device="cpu", tokens=1).compiled
+    assert _decide(True, unsloth=True, fsdp=True).compiled
+    assert not _decide(False, tokens=10**12).compiled
+    refused = _decide(True, blocker="no transformers decoder layers found in Linear")
+    assert not refused.compiled and refused.describe() == (
+        "Compiled layers: off (compile_layers=True, but no transformers decoder layers found in Linear)")
+
+
+def test_planned_tokens_from_steps_or_epochs():
+    from hf_instruct_tune.layer_compilation import planned_tokens
+
+    assert planned_tokens(200.0, 1_000, rows_per_step=16, max_steps=100, epochs=3, processes=2) == 320_000
+    assert planned_tokens(200.0, 1_000, rows_per_step=16, max_steps=-1, epochs=3, processes=2) == 300_000
+
+
+def test_a_model_without_decoder_layers_cannot_compile_them():
+    import torch
+
+    from hf_instruct_tune.layer_compilation import compilation_blocker
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    assert "no transformers decoder layers found in Linear" in compilation_blocker(torch.nn.Linear(2, 2), "cpu")
+    assert compilation_blocker(build_tiny_model(build_tiny_tokenizer(), num_layers=2), "cpu") is None
 
 
 def test_compile_layers_is_a_train_option():
     from hf_instruct_tune.config import TrainConfig
 
     assert TrainConfig(model="m", data="d.jsonl", compile_layers=True).compile_layers is True
-    assert TrainConfig(model="m", data="d.jsonl").compile_layers is False
+    assert TrainConfig(model="m", data="d.jsonl", compile_layers=False).compile_layers is False
+    assert TrainConfig(model="m", data="d.jsonl").compile_layers is None  # auto
