@@ -36,10 +36,13 @@ def prefetch_depth() -> int:
 
 
 def sharded_layers(model) -> list:
-    """The model's FSDP2-sharded submodules below the root, in forward order (the decoder layers)."""
+    """The model's FSDP2-sharded decoder layers, in forward order (other sharded modules, such as a model that
+    holds the layers or the output head, are left to FSDP2's own order)."""
     from torch.distributed.fsdp import FSDPModule
+    from transformers.modeling_layers import GradientCheckpointingLayer
 
-    return [module for module in model.modules() if isinstance(module, FSDPModule) and module is not model]
+    return [module for module in model.modules()
+            if isinstance(module, FSDPModule) and isinstance(module, GradientCheckpointingLayer)]
 
 
 def prefetch_layers(model, depth: int = DEFAULT_DEPTH) -> int:
@@ -71,4 +74,4 @@ class FSDPPrefetch(TrainerCallback):
             return
         layers = prefetch_layers(model, self.depth)
         if layers:
-            logger.info("FSDP: each of %d sharded layers gathers the next %d ahead", layers, self.depth)
+            logger.info("FSDP: each of %d sharded decoder layers gathers the next %d ahead", layers, self.depth)

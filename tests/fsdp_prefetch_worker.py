@@ -35,8 +35,10 @@ def main(model_dir: str, out: str, depth: int) -> None:
 
     dist.init_process_group("gloo")
     model = lora_model(model_dir)
-    for layer in model.base_model.model.model.layers:  # accelerate's TRANSFORMER_BASED_WRAP, then the root
+    decoder_layers = list(model.base_model.model.model.layers)
+    for layer in decoder_layers:  # accelerate's TRANSFORMER_BASED_WRAP, then the root
         fully_shard(layer)
+    fully_shard(model.base_model.model.lm_head)  # a sharded module that is not a decoder layer
     fully_shard(model)
     prefetch_layers(model, depth)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
@@ -50,7 +52,8 @@ def main(model_dir: str, out: str, depth: int) -> None:
         losses.append(loss.item())
     state_dict = adapter_state_dict(model)
     if dist.get_rank() == 0:
-        torch.save({"losses": losses, "adapter": state_dict, "prefetch": prefetch_plan(sharded_layers(model))}, out)
+        torch.save({"losses": losses, "adapter": state_dict, "decoder_layers": len(decoder_layers),
+                    "prefetch": prefetch_plan(sharded_layers(model))}, out)
     dist.barrier()
     dist.destroy_process_group()
 
