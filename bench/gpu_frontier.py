@@ -78,13 +78,13 @@ def _fits(result: dict, budget: float | None) -> bool:
 
 def _short_plan(line: str) -> str:
     """``Memory plan: 16 rows ... = 16 per micro-batch x 1 accumulated ...`` -> ``16 x 1, 32/32 ckpt, fused loss, ...``"""
-    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed; loss: ([^;]+); "
-                      r"input embeddings on (\w+); estimated peak ([\d.]+)", line)
+    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed( \(compiled\))?; "
+                      r"loss: ([^;]+); input embeddings on (\w+); estimated peak ([\d.]+)", line)
     if not match:
         return line
-    micro, accum, ckpt, loss, where, estimate = match.groups()
-    return (f"{micro} x {accum}, ckpt {ckpt}, {'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, "
-            f"estimate {estimate} GiB")
+    micro, accum, ckpt, compiled, loss, where, estimate = match.groups()
+    return (f"{micro} x {accum}, ckpt {ckpt}{' (compiled layers)' if compiled else ''}, "
+            f"{'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, estimate {estimate} GiB")
 
 
 def _cell(result: dict | None) -> str:
