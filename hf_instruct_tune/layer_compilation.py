@@ -126,11 +126,16 @@ def decide_compilation(asked: bool | None, *, device: str, planned_tokens: int, 
         reason = "auto: not measured under FSDP"
     else:
         on = planned_tokens >= threshold
-        reason = (f"auto: {planned_tokens / 1e6:.1f}M tokens per process planned {'>=' if on else '<'} "
+        reason = (f"auto: {_millions(planned_tokens)} tokens per process planned {'>=' if on else '<'} "
                   f"{threshold / 1e6:.1f}M, which pay the compilation back {PAYBACK_MARGIN}x with "
                   f"{checkpointed_fraction:.0%} of the layers checkpointed")
         return CompileDecision(on, None, reason, planned_tokens, threshold)
     return CompileDecision(False, None, reason, planned_tokens, threshold)
+
+
+def _millions(tokens: float) -> str:
+    """``25.0M``; a run under a million tokens as ``42k``."""
+    return f"{tokens / 1e6:.1f}M" if tokens >= 1e6 else f"{tokens / 1e3:.0f}k"
 
 
 def compilation_blocker(model, device: str) -> str | None:
