@@ -124,3 +124,19 @@ checkpoints.SaveOnInterrupt.on_step_end = slow
 from hf_instruct_tune.cli import main
 sys.exit(main(sys.argv[1:]))
 """
+
+
+def run_two_cpu_processes(worker: Path, *args: str | Path, home: Path) -> None:
+    """Run ``worker`` in two CPU processes under ``torchrun`` (gloo), offline, with ``home`` as ``HF_HOME`` and
+    no launcher variables inherited from the test's own environment; fail with the workers' stderr if they fail."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(home)}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
+        env.pop(name, None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(worker), *map(str, args)]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-5000:]

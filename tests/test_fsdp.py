@@ -18,6 +18,7 @@ import torch
 import yaml
 from torch.testing import assert_close
 
+from helpers import run_two_cpu_processes
 from hf_instruct_tune import fsdp, launch
 from hf_instruct_tune.errors import InputError
 
@@ -35,13 +36,7 @@ def sharded_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     model_dir = save_tiny_checkpoint(root / "model")
     out = root / "adapter"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(model_dir), str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-5000:]
+    run_two_cpu_processes(WORKER, model_dir, out, home=root / "hf_home")
     return model_dir, out
 
 

@@ -5,15 +5,13 @@ Two CPU processes over gloo shard a tiny Llama with LoRA as accelerate does (``t
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from helpers import run_two_cpu_processes
 from hf_instruct_tune.errors import InputError
 from hf_instruct_tune.fsdp_prefetch import PREFETCH_ENV, prefetch_depth
 
@@ -27,16 +25,10 @@ def runs(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fsdp_prefetch")
     model_dir = save_tiny_checkpoint(root / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
-        env.pop(name, None)
     results = {}
     for depth in (0, 1):
         out = root / f"depth{depth}.pt"
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                   str(WORKER), str(model_dir), str(out), str(depth)]
-        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-        assert done.returncode == 0, done.stderr[-5000:]
+        run_two_cpu_processes(WORKER, model_dir, out, depth, home=root / "hf_home")
         results[depth] = torch.load(out)
     return results
 

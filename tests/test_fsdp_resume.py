@@ -7,15 +7,13 @@ process. ``bench/fsdp_resume_check.sh`` runs ``train --fsdp --resume`` end to en
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
+from helpers import run_two_cpu_processes
 from hf_instruct_tune import fsdp
 from hf_instruct_tune.errors import InputError
 
@@ -29,13 +27,7 @@ def results(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("fsdp_resume")
     model_dir = save_tiny_checkpoint(root / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(root / "hf_home")}
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "ACCELERATE_USE_FSDP"):
-        env.pop(name, None)
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(WORKER), str(model_dir), str(root)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-5000:]
+    run_two_cpu_processes(WORKER, model_dir, root, home=root / "hf_home")
     return torch.load(root / "results.pt", weights_only=True)
 
 
