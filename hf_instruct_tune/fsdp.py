@@ -148,12 +148,16 @@ def save_optimizer(model, optimizer, path: str | Path, *, write: bool) -> None:
 def load_optimizer(model, optimizer, path: str | Path) -> None:
     """Load the optimizer state :func:`save_optimizer` wrote into the optimizer of a model sharded with FSDP2.
 
-    Call it on every process: each reads the whole state and keeps its own shard of each tensor.
+    Call it on every process: each reads the whole state and keeps its own shard of each tensor. Raises
+    :class:`InputError` for a state written without FSDP (keyed by position, not by parameter name).
     """
     import torch
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     state = torch.load(path, map_location="cpu", weights_only=True)
+    if any(not isinstance(key, str) for key in state.get("state", {})):
+        raise InputError(f"{Path(path).name} was saved by a run without FSDP; resume it as it was launched (without "
+                         "--fsdp), or start again with --overwrite", source=str(Path(path).parent), field="resume")
     set_optimizer_state_dict(model, _unwrapped(optimizer), state, options=StateDictOptions(full_state_dict=True))
 
 

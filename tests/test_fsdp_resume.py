@@ -72,6 +72,16 @@ def test_a_checkpoint_without_the_models_adapter_is_an_input_error(tmp_path):
         fsdp.load_adapter(model, tmp_path)
 
 
+def test_an_optimizer_state_saved_without_fsdp_is_an_input_error(tmp_path):
+    model = _lora_model()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    model(input_ids=torch.tensor([[5, 6, 7]]), labels=torch.tensor([[5, 6, 7]])).loss.backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "optimizer.pt")  # as the Trainer saves it on one process
+    with pytest.raises(InputError, match=r"field 'resume': optimizer.pt was saved by a run without FSDP"):
+        fsdp.load_optimizer(model, optimizer, tmp_path / "optimizer.pt")
+
+
 def test_under_fsdp_the_trainer_checkpoints_and_resumes_through_the_fsdp_functions(tmp_path, monkeypatch):
     """The Trainer's FSDP hooks write the optimizer and scheduler and read them back with the adapter (one process)."""
     from peft import LoraConfig
