@@ -153,7 +153,8 @@ if __name__ == "__main__":
     elif sys.argv[1] == "sharded-logits":
         sharded_logits(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "table":
-        checks = json.load(open(sys.argv[3])) if len(sys.argv) > 3 and os.path.getsize(sys.argv[3]) else None
+        found = len(sys.argv) > 3 and os.path.isfile(sys.argv[3]) and os.path.getsize(sys.argv[3])
+        checks = json.load(open(sys.argv[3])) if found else None  # none with SKIP_ADAPTERS
         print(table(json.load(open(sys.argv[2])), checks))
     else:
         sys.exit(__doc__)

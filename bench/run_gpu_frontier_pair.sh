@@ -45,6 +45,6 @@ cat $WORK/package/frontier_package.jsonl $WORK/baselines/frontier_baselines.json
   > $OUT/frontier.json
 PYTHONPATH=/tmp/site:/tmp/pkg_package python3 bench/gpu_frontier.py table $OUT/frontier.json
 cat $OUT/loss_kernels.jsonl $OUT/generate.jsonl 2>/dev/null | cut -c1-300
-tail -3 $WORK/package.txt $WORK/baselines.txt
+tail -n 3 $WORK/package.txt $WORK/baselines.txt
 tar czf $OUT/logs.tgz -C $WORK --exclude='adapter_*' --exclude='*.safetensors' . 2>/dev/null
 echo "done in $(( $(date +%s) - START )) s"
