@@ -38,7 +38,7 @@ for setting in "${settings[@]}"; do
   [[ $name =~ ${ONLY:-.} ]] || continue
   envs=(); flags=()
   for word in "$@"; do case "$word" in env:*) envs+=("${word#env:}");; *) flags+=("$word");; esac; done
-  case "$name" in *_1gpu) envs+=(CUDA_VISIBLE_DEVICES=0);; esac
+  case "$name" in *_1gpu*) envs+=(CUDA_VISIBLE_DEVICES=0);; esac  # one GPU: any name with _1gpu in it
   ( [ ${#envs[@]} = 0 ] || export "${envs[@]}"; run $name "${flags[@]}" )
 done
 # each FSDP adapter: its logits on one GPU against the same weights sharded over N GPUs as in training
