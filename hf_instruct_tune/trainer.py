@@ -298,7 +298,7 @@ class InstructTrainer(SFTTrainer):
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; with ``fused_loss`` the ``lm_head`` is swapped out for its duration only. Under autocast
         the LoRA layers take their inputs uncast (:mod:`.adapter_casts`) for its duration only."""
-        with adapter_inputs_uncast(self.model, autocast=self.accelerator.native_amp):
+        with adapter_inputs_uncast(self.model, autocast=bool(getattr(self.accelerator, "native_amp", False))):
             if not self.fused_loss:
                 result = super().train(*args, **kwargs)
             else:
