@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .outputs import ADAPTER_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PICKLED_WEIGHTS = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "adapter_model.ckpt")
 MAX_SMALL_FILE = 1 << 20  # configs, metadata, templates
 MAX_TOKENIZER_FILE = 64 << 20  # tokenizer.json of a large vocabulary is tens of MiB
@@ -57,10 +57,10 @@ def check_adapter_folder(folder: Path, *, allow_pickle: bool = False) -> None:
         if config.get(key) is not None and not isinstance(config[key], str):
             raise InputError(f"should be a string, got {type(config[key]).__name__}", source=str(folder / ADAPTER_CONFIG),
                              field=key)
-    if not (folder / ADAPTER_WEIGHTS).is_file():
+    if not (folder / ADAPTER_FILE).is_file():
         pickled = [name for name in PICKLED_WEIGHTS if (folder / name).is_file()]
         if not pickled:
-            raise InputError(f"no {ADAPTER_WEIGHTS} here", source=str(folder))
+            raise InputError(f"no {ADAPTER_FILE} here", source=str(folder))
         if not allow_pickle:
             raise InputError(f"the adapter's weights are only a pickle ({pickled[0]}), which can run code when "
                              "loaded; convert it to safetensors, or pass --allow-pickle if you trust its source",
@@ -109,7 +109,7 @@ def load_adapter(base_model, folder: Path):
     """``PeftModel.from_pretrained`` on a checked folder; load errors (mismatched shapes, ...) as one line."""
     from peft import PeftModel
 
-    _check_safetensors(folder / ADAPTER_WEIGHTS)
+    _check_safetensors(folder / ADAPTER_FILE)
     try:
         return PeftModel.from_pretrained(base_model, str(folder))
     except Exception as error:

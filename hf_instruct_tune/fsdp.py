@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError, InstructTuneError
+from .outputs import ADAPTER_FILE
 
 FSDP_CONFIG: dict[str, Any] = {
     "compute_environment": "LOCAL_MACHINE",
@@ -125,10 +126,6 @@ def check_whole(gathered: dict[str, Any], expected: dict[str, tuple[int, ...]]) 
         "was saved")
 
 
-OPTIMIZER_FILE = "optimizer.pt"
-"""The optimizer state in a checkpoint, as transformers names it; under FSDP each tensor whole, keyed by parameter name."""
-
-
 def save_optimizer(model, optimizer, path: str | Path, *, write: bool) -> None:
     """Gather the optimizer state of a model sharded with FSDP2 whole, and write it to ``path`` where ``write``.
 
@@ -178,9 +175,9 @@ def load_adapter(model, folder: str | Path) -> None:
     from safetensors.torch import load_file
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    path = Path(folder) / ADAPTER_WEIGHTS_FILE
+    path = Path(folder) / ADAPTER_FILE
     if not path.is_file():
-        raise InputError(f"holds no {ADAPTER_WEIGHTS_FILE} to resume from", source=str(folder), field="resume")
+        raise InputError(f"holds no {ADAPTER_FILE} to resume from", source=str(folder), field="resume")
     saved = load_file(path)
     trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
     in_file = _file_names(model, list(trainable))
@@ -196,9 +193,6 @@ def load_adapter(model, folder: str | Path) -> None:
             if isinstance(param, DTensor):  # this process's shard, cut from the whole tensor in place
                 whole = distribute_tensor(whole, param.device_mesh, param.placements, src_data_rank=None)
             param.copy_(whole)
-
-
-ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 
 
 def _file_names(model, names: list[str]) -> dict[str, str | None]:

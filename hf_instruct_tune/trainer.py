@@ -571,11 +571,11 @@ class InstructTrainer(SFTTrainer):
         if not getattr(self, "is_fsdp_enabled", False):
             return super()._save_optimizer_and_scheduler(output_dir)
         import torch
-        from transformers.trainer import SCHEDULER_NAME
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-        from .fsdp import OPTIMIZER_FILE, save_optimizer
+        from .fsdp import save_optimizer
 
-        save_optimizer(self.model, self.optimizer, Path(output_dir) / OPTIMIZER_FILE, write=self.args.should_save)
+        save_optimizer(self.model, self.optimizer, Path(output_dir) / OPTIMIZER_NAME, write=self.args.should_save)
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
 
@@ -592,14 +592,14 @@ class InstructTrainer(SFTTrainer):
         if not getattr(self, "is_fsdp_enabled", False) or checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         import torch
-        from transformers.trainer import SCHEDULER_NAME
+        from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
-        from .fsdp import OPTIMIZER_FILE, load_optimizer
+        from .fsdp import load_optimizer
 
         folder = Path(checkpoint)
-        if not (folder / OPTIMIZER_FILE).is_file() or not (folder / SCHEDULER_NAME).is_file():
+        if not (folder / OPTIMIZER_NAME).is_file() or not (folder / SCHEDULER_NAME).is_file():
             return  # as the Trainer does: a checkpoint saved without them resumes the weights only
-        load_optimizer(self.model, self.optimizer, folder / OPTIMIZER_FILE)
+        load_optimizer(self.model, self.optimizer, folder / OPTIMIZER_NAME)
         self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
 
     def _save_checkpoint(self, model, trial):
