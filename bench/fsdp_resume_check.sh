@@ -7,12 +7,7 @@
 # moved the adapter) and the losses of steps 4-6. Three launches, about 3 minutes.
 # EXTRA="--no-balance-ranks ..." adds flags to both runs.
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
-export PYTHONPATH=/tmp/site:/tmp/pkg
+source bench/gpu_env.sh
 OUT=${OUT:-/tmp/fsdp-resume-check}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; N=${NPROC:-2}
 rm -rf $OUT && mkdir -p $OUT
 [ -f $M/config.json ] || timeout 200 python3 bench/gpu_bench.py make $M 2>&1 | tail -1

@@ -6,14 +6,9 @@
 # settings and the same token ids. Results: $OUT/frontier_<part>.json; merge and tabulate with
 #   python bench/gpu_frontier.py table merged.json
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True  # every stack alike (the package's CLI sets it too)
-[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
-# the installed layout (setup.cfg maps templates/ and cards/ into the package)
 OUT=${OUT:-/tmp/frontier}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=/tmp/frontier_rows.jsonl; PART=${PART:-package}
 PKG=/tmp/pkg_$PART  # one copy per part: the two parts may run at once on two GPUs
-rm -rf $PKG && mkdir -p $PKG && cp -r hf_instruct_tune $PKG/ && cp -r templates cards $PKG/hf_instruct_tune/
-export PYTHONPATH=/tmp/site:$PKG
+source bench/gpu_env.sh  # every stack gets the same allocator settings
 mkdir -p $OUT
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 [ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1

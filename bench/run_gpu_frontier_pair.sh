@@ -8,9 +8,7 @@
 # `python bench/gpu_frontier.py table`), loss_kernels.jsonl, generate.jsonl, logs.tgz.
 set -uo pipefail
 START=$(date +%s); TOTAL_S=${TOTAL_S:-570}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
+source bench/gpu_env.sh
 OUT=${OUT:-/tmp/frontier_pair}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=/tmp/frontier_rows.jsonl
 WORK=/tmp/frontier_pair_work; rm -rf $WORK; mkdir -p $OUT $WORK
 left() { echo $(( TOTAL_S - ($(date +%s) - START) )); }

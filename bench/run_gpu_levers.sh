@@ -11,13 +11,8 @@
 # $OUT: results.jsonl (every RESULT line), profile.json, profile.md, log.txt (the tail of every run's log).
 set -uo pipefail
 START=$(date +%s); TOTAL_S=${TOTAL_S:-570}
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 # CPU dry run: USE_INSTALLED=1 MODEL_DIR=<BENCH_TINY model> DATA=<rows> FLAGS= BENCH_STEPS=6 bash bench/run_gpu_levers.sh
-[ -n "${USE_INSTALLED:-}" ] || [ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
-# the installed layout (setup.cfg maps templates/ and cards/ into the package)
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
-export PYTHONPATH=${USE_INSTALLED:+/tmp/pkg}; export PYTHONPATH=${PYTHONPATH:-/tmp/site:/tmp/pkg}
+source bench/gpu_env.sh
 OUT=${OUT:-/tmp/levers}; WORK=/tmp/levers_work; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=${DATA:-/tmp/frontier_rows.jsonl}
 FLAGS=${FLAGS---load-in-4bit}
 PARTS=${PARTS:-lever generate profile}

@@ -6,11 +6,7 @@
 # run (per-step times, layer forwards, syncs, allocator calls, CPU time, a profile of step 7). About 5 minutes with
 # the model already in /tmp (each run ~45 s). $OUT: plan_path_diag.jsonl, log.txt (each run's last lines).
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
-export PYTHONPATH=/tmp/site:/tmp/pkg
+source bench/gpu_env.sh
 OUT=${OUT:-/tmp/plan_path_diag}; WORK=/tmp/plan_path_diag_work; M=${MODEL_DIR:-/tmp/llama3-8b-random}
 DATA=${DATA:-/tmp/frontier_rows.jsonl}
 rm -rf $WORK; mkdir -p $OUT $WORK

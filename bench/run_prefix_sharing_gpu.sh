@@ -6,12 +6,7 @@
 # and the next part runs. Results: $OUT/prefix_sharing_gpu.json; the BENCHMARKS.md rows:
 #   python bench/prefix_sharing_gpu.py table prefix_sharing_gpu.json --write BENCHMARKS.md --date YYYY-MM-DD
 set -uo pipefail
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-[ -d /tmp/site/trl ] || { mkdir -p /tmp/site && tar xzf ${SITE_TGZ:-.gpu-site/site.tgz} -C /tmp/site; }
-# the installed layout (setup.cfg maps templates/ and cards/ into the package)
-rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r hf_instruct_tune /tmp/pkg/ && cp -r templates cards /tmp/pkg/hf_instruct_tune/
-export PYTHONPATH=/tmp/site:/tmp/pkg
+source bench/gpu_env.sh
 OUT=${OUT:-/tmp/prefix-sharing-gpu}; M=${MODEL_DIR:-/tmp/llama3-8b-random}; DATA=/tmp/prefix_sharing_rows.jsonl
 WORK=/tmp/prefix-sharing-work  # the adapters (large) stay here; logs and results go to $OUT
 mkdir -p $OUT $WORK; : > $OUT/results.jsonl
