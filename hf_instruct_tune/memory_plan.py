@@ -318,11 +318,19 @@ def _cut_cross_entropy() -> bool:
     return cce_available()
 
 
+def sampled_row_lengths(dataset, sample_rows: int = 10_000) -> list[int]:
+    """The token counts of the first ``sample_rows`` rows of ``dataset`` (``input_ids`` rows)."""
+    sample = dataset.select(range(min(len(dataset), sample_rows))) if hasattr(dataset, "select") else dataset
+    return [len(ids) for ids in sample["input_ids"]]
+
+
 def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, max_memory: float | None = None,
-                     fixed: Fixed = Fixed(), sample_rows: int = 10_000, compiled_layers: bool = False) -> MemoryPlan:
+                     fixed: Fixed = Fixed(), row_lengths: list[int] | None = None,
+                     compiled_layers: bool = False) -> MemoryPlan:
     """The plan for a Trainer about to train ``model`` on ``dataset`` (``input_ids`` rows) with ``args``.
 
     The budget is ``max_memory`` GiB when given, else the free memory of this process's GPU, else none.
+    ``row_lengths``: :func:`sampled_row_lengths` of ``dataset``, when already counted.
     """
     import torch
 
@@ -335,8 +343,7 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
         budget, source = gpu_budget_gib(local_rank()), "free GPU memory"
     else:
         budget, source = None, "none"
-    sample = dataset.select(range(min(len(dataset), sample_rows))) if hasattr(dataset, "select") else dataset
-    lengths = [len(ids) for ids in sample["input_ids"]]
+    lengths = row_lengths if row_lengths is not None else sampled_row_lengths(dataset)
     shape = ModelShape.of(model, trainable_params=_trainable_params(model, peft_config))
     if fsdp_launched():
         shape = shape.sharded(world_size())

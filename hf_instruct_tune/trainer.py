@@ -25,7 +25,7 @@ from .errors import InputError
 from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
-from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer
+from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer, sampled_row_lengths
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
 from .metadata import METADATA_FILE_NAME, TrainingMetadata, framework_versions, write_text_atomic
@@ -241,23 +241,25 @@ class InstructTrainer(SFTTrainer):
         if fixed.checkpointing is None and _checkpointing_arg(args) is False:
             fixed = dataclasses.replace(fixed, checkpointing=False)
         on = wanted if wanted is not None else (max_memory is not None or torch.cuda.is_available())
+        lengths = sampled_row_lengths(self.train_data.dataset)
         if not on or isinstance(model, str):
             if fixed.checkpointing is not None:
                 _set_checkpointing_arg(args, fixed.checkpointing)
-            self.compilation = self._decide_compilation(compile_layers, model, args,
+            self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
                                                         1.0 if _checkpointing_arg(args) else 0.0)
             if fixed.embeddings_on_cpu and not isinstance(model, str):
                 offload_input_embeddings(model)
             return None
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
-                                max_memory=max_memory, fixed=fixed)
+                                max_memory=max_memory, fixed=fixed, row_lengths=lengths)
         # judged at the eager plan's checkpointed layers: planned for compiled layers, as many or fewer are
         # checkpointed, which only adds to what compiling saves
-        self.compilation = self._decide_compilation(compile_layers, model, args,
+        self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
                                                     plan.checkpointed_layers / max(plan.layers, 1))
         if self.compilation.compiled:
             plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing,
-                                    peft_config=peft_config, max_memory=max_memory, fixed=fixed, compiled_layers=True)
+                                    peft_config=peft_config, max_memory=max_memory, fixed=fixed, row_lengths=lengths,
+                                    compiled_layers=True)
         args.per_device_train_batch_size = plan.micro_batch
         args.gradient_accumulation_steps = plan.grad_accum
         _set_checkpointing_arg(args, False)  # the plan's layers are set after PEFT wraps the model
@@ -267,17 +269,16 @@ class InstructTrainer(SFTTrainer):
         logger.info(plan.describe())
         return plan
 
-    def _decide_compilation(self, asked: bool | None, model, args, checkpointed_fraction: float) -> CompileDecision:
-        """``compile_layers`` resolved (see :func:`~hf_instruct_tune.layer_compilation.decide_compilation`)."""
+    def _decide_compilation(self, asked: bool | None, model, args, lengths: list[int],
+                            checkpointed_fraction: float) -> CompileDecision:
+        """``compile_layers`` resolved (see :func:`~hf_instruct_tune.layer_compilation.decide_compilation`), from the
+        sampled row ``lengths`` of the training data."""
         import torch
 
         from .launch import fsdp_launched, world_size
 
         device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
-        dataset = self.train_data.dataset
-        sample = dataset.select(range(min(len(dataset), 10_000))) if hasattr(dataset, "select") else dataset
-        lengths = [len(ids) for ids in sample["input_ids"]]
-        tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(dataset),
+        tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(self.train_data.dataset),
                                 rows_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
                                 max_steps=args.max_steps, epochs=args.num_train_epochs, processes=world_size())
         return decide_compilation(asked, device=device, planned_tokens=tokens,
