@@ -122,7 +122,8 @@ class _Clock:
                     real_tokens_per_s=(n_b - n_a) / (t_b - t_a), timed_tokens=n_b - n_a,
                     peak_alloc_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
                     peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0,
-                    losses=self.losses)
+                    losses=self.losses,
+                    step_s=[round(b[0] - a[0], 3) for a, b in zip(self.stamps, self.stamps[1:])])
 
 
 def _sft_config(bs: int, ga: int, **kw):

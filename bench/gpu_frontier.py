@@ -67,7 +67,9 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
         result.update(real_tokens_per_s=results["tokens_per_second"], timed_tokens=results["timed_tokens"],
                       peak_alloc_gib=max(results["peak_memory_gib_per_process"] or [0.0]),
                       peak_per_process=results["peak_memory_gib_per_process"], world=training.get("world_size", 1),
-                      plan=training.get("memory_plan"), losses=[e["loss"] for e in results["loss_history"]])
+                      plan=training.get("memory_plan"), losses=[e["loss"] for e in results["loss_history"]],
+                      step_s=results.get("step_seconds"), step_tokens=results.get("step_tokens"),
+                      step_peak_gib=results.get("step_peak_memory_gib"))
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

@@ -83,7 +83,14 @@ def setup(trainer) -> dict:
         funcs[f"{getattr(inner, '__module__', '?')}.{getattr(inner, '__name__', '?')} "
               f"{sorted((getattr(func, 'keywords', None) or {}).items())}"] += 1
     embeddings = trainer.model.get_input_embeddings()
-    return dict(checkpointed=sum(bool(layer.gradient_checkpointing) for layer in layers), layers=len(layers),
+    dtypes = collections.Counter()
+    for param in trainer.model.parameters():
+        dtypes[f"{str(param.dtype).replace('torch.', '')}{' trainable' if param.requires_grad else ''}"] += param.numel()
+    return dict(param_dtypes={k: round(v / 1e6, 1) for k, v in sorted(dtypes.items())},
+                lora_dtype=next((str(p.dtype) for n, p in trainer.model.named_parameters() if "lora_A" in n), None),
+                autocast=getattr(trainer.accelerator, "native_amp", None),
+                args_bf16=trainer.args.bf16,
+                checkpointed=sum(bool(layer.gradient_checkpointing) for layer in layers), layers=len(layers),
                 checkpoint_funcs=dict(funcs), embedding=type(embeddings).__name__,
                 embedding_hooks=len(embeddings._forward_hooks),
                 layer_hooks=sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in base.modules()),

@@ -1,10 +1,12 @@
 #!/bin/bash
 # On a machine with two GPUs, from the repository root: the whole frontier of bench/gpu_frontier.py in one command
 # of under 10 minutes. GPU 0 runs PART=package of bench/run_gpu_frontier.sh (the packed-vs-padded check, then the
-# CLI with default flags, each --max-memory B, and COMPILE_BUDGETS with --compile-layers); GPU 1 at the same time
-# runs PART=baselines (Unsloth and transformers+peft at their best shapes), then the loss kernels
-# (bench/gpu_loss_kernels.py) and generate rows/s (bench/gpu_generate.py, with the adapter of GPU 0's default run).
-# The two sides share the host, not a GPU. Results under $OUT: frontier.json (both parts, for
+# CLI with default flags and each --max-memory B); GPU 1 at the same time runs PART=baselines (Unsloth and
+# transformers+peft at their best shapes), then PART=compiled (the CLI with --compile-layers at COMPILE_BUDGETS),
+# then, unless EXTRAS=0, the loss kernels (bench/gpu_loss_kernels.py) and generate rows/s (bench/gpu_generate.py,
+# with the adapter of GPU 0's default run). The two sides share the host, not a GPU. BENCH_STEPS=N: N steps per
+# run in every stack (steps 6-N timed; 10 by default). GPU0_BASELINES="stack flags;...": baselines GPU 0 runs after
+# the package's part, to even out the two sides. Results under $OUT: frontier.json (both parts, for
 # `python bench/gpu_frontier.py table`), loss_kernels.jsonl, generate.jsonl, logs.tgz.
 set -uo pipefail
 START=$(date +%s); TOTAL_S=${TOTAL_S:-570}
@@ -21,13 +23,19 @@ export PACKAGE_DIAG=${PACKAGE_DIAG-"flags_8 --gradient-checkpointing --fused-los
 # Unsloth with and without its checkpointing, padded and padding-free, 16 x 1 and 4 x 4; transformers+peft padded
 export BASELINES=${BASELINES:-"unsloth --bs 16 --ga 1 --padding-free --no-ckpt;unsloth --bs 16 --ga 1 --padding-free;\
 unsloth --bs 4 --ga 4 --padding-free --no-ckpt;unsloth --bs 16 --ga 1;hf --bs 4 --ga 4"}
-( CUDA_VISIBLE_DEVICES=0 PART=package OUT=$WORK/package timeout $(left) bash bench/run_gpu_frontier.sh \
-    > $WORK/package.txt 2>&1 ) &
+(
+  export CUDA_VISIBLE_DEVICES=0
+  PART=package COMPILE_BUDGETS= OUT=$WORK/package timeout $(left) bash bench/run_gpu_frontier.sh > $WORK/package.txt 2>&1
+  [ -z "${GPU0_BASELINES:-}" ] || BASELINES=$GPU0_BASELINES PART=baselines PKG=/tmp/pkg_baselines0 SKIP_PROFILE=1 OUT=$WORK/baselines0 \
+    timeout $(( $(left) - 10 )) bash bench/run_gpu_frontier.sh > $WORK/baselines0.txt 2>&1
+) &
 package=$!
 (
   export CUDA_VISIBLE_DEVICES=1
-  PART=baselines SKIP_PROFILE=1 OUT=$WORK/baselines timeout $(( $(left) - 150 )) bash bench/run_gpu_frontier.sh \
+  PART=baselines SKIP_PROFILE=1 OUT=$WORK/baselines timeout $(( $(left) - ${COMPILED_S:-230} )) bash bench/run_gpu_frontier.sh \
     > $WORK/baselines.txt 2>&1
+  PART=compiled OUT=$WORK/compiled timeout $(( $(left) - 20 )) bash bench/run_gpu_frontier.sh > $WORK/compiled.txt 2>&1
+  [ "${EXTRAS:-1}" = 1 ] || exit 0
   export PYTHONPATH=/tmp/site:/tmp/pkg_baselines
   [ -f bench/gpu_loss_kernels.py ] && timeout 100 python3 bench/gpu_loss_kernels.py > $WORK/loss_kernels.txt 2>&1
   grep "^RESULT" $WORK/loss_kernels.txt 2>/dev/null | sed 's/^RESULT //' > $OUT/loss_kernels.jsonl
@@ -38,11 +46,12 @@ package=$!
   grep "^RESULT" $WORK/generate.txt | sed 's/^RESULT //' > $OUT/generate.jsonl
 ) &
 wait $package; wait
-cat $WORK/package/frontier_package.jsonl $WORK/baselines/frontier_baselines.jsonl 2>/dev/null \
+cat $WORK/package/frontier_package.jsonl $WORK/compiled/frontier_compiled.jsonl \
+  $WORK/baselines/frontier_baselines.jsonl $WORK/baselines0/frontier_baselines.jsonl 2>/dev/null \
   | python3 -c "import json,sys; print(json.dumps([json.loads(l) for l in sys.stdin if l.strip()], indent=1))" \
   > $OUT/frontier.json
 PYTHONPATH=/tmp/site:/tmp/pkg_package python3 bench/gpu_frontier.py table $OUT/frontier.json
 cat $OUT/loss_kernels.jsonl $OUT/generate.jsonl 2>/dev/null | cut -c1-300
-tail -n 3 $WORK/package.txt $WORK/baselines.txt
+tail -n 3 $WORK/package.txt $WORK/baselines.txt $WORK/compiled.txt
 tar czf $OUT/logs.tgz -C $WORK --exclude='adapter_*' --exclude='*.safetensors' . 2>/dev/null
 echo "done in $(( $(date +%s) - START )) s"

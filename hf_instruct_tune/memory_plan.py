@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -33,8 +34,8 @@ logger = logging.getLogger(__name__)
 GIB = 2**30
 _FREE_MEMORY_SHARE = 0.92  # of the GPU memory this process can use: room for fragmentation and cuBLAS workspaces
 _OVERHEAD_BYTES = GIB // 4  # kernels' workspaces, the optimizer step's temporaries
-_TAIL_STDS = 0.5  # a large micro-batch: the mean tokens plus this many standard deviations of a sum of rows
-_PLAIN_LOSS_BYTES = 6  # per token and vocabulary entry: bf16 logits and their fp32 copy
+_MAX_DRAWS = 20_000  # micro-batches drawn to find a run's largest
+_PLAIN_LOSS_BYTES = 2.5  # per token and vocabulary entry, above the layers' activations (fitted on an H200's steps)
 _FUSED_LOSS_BYTES = 16  # the same, for one chunk of tokens on the chunked path (none with Cut Cross-Entropy)
 _CHUNK_TOKENS = 1024
 
@@ -63,6 +64,9 @@ class ModelShape:
     """Bytes of the 4-bit weights in integer storage, part of ``weight_bytes``. FSDP leaves them whole on every
     GPU (accelerate keeps ``uint8`` bitsandbytes weights out of sharding: sharded, they lose their quantization
     state)."""
+    adapter_bytes_per_param: int = 16
+    """The adapter's weight, gradient and two Adam moments: 16 bytes in fp32; 8 on a quantized base, where
+    ``SFTTrainer`` keeps the adapter in bf16."""
 
     @classmethod
     def of(cls, model, trainable_params: int | None = None) -> ModelShape:
@@ -84,7 +88,8 @@ class ModelShape:
         return cls(layers=text.num_hidden_layers, hidden=hidden,
                    intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
                    vocab=text.vocab_size, weight_bytes=weights, embedding_bytes=embedding_bytes,
-                   trainable_params=trainable_params, quantized_bytes=quantized)
+                   trainable_params=trainable_params, quantized_bytes=quantized,
+                   adapter_bytes_per_param=8 if quantized else 16)
 
     def sharded(self, processes: int) -> ModelShape:
         """One process's share under FSDP over ``processes``: the sharded weights and the adapter divided among
@@ -170,6 +175,7 @@ def plan_memory(
     given_micro_batch: int | None = None,
     can_offload_embeddings: bool = True,
     compiled_layers: bool = False,
+    optimizer_steps: int = 4,
 ) -> MemoryPlan:
     """Plan one process's share of each optimizer step (``rows_per_process`` rows) within ``budget_gib``.
 
@@ -185,6 +191,8 @@ def plan_memory(
         given_micro_batch: the user's ``batch_size``, kept when ``budget_gib`` is ``None``.
         can_offload_embeddings: the table can move to CPU memory (a GPU run with a frozen table).
         compiled_layers: the decoder layers will be compiled (they keep less for backward).
+        optimizer_steps: the run's optimizer steps: a longer run meets a larger micro-batch, which the budget must
+            hold too.
     """
     layers = shape.layers
     kernels = _loss_kernels(fixed)
@@ -201,8 +209,13 @@ def plan_memory(
                           else list(range(layers + 1)))
     most_checkpointed = max(checkpoint_choices)
 
+    largest_micro_batch: dict[int, int] = {}
+
     def cost(micro: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
-        return estimate_bytes(shape, tokens=micro_batch_tokens(row_lengths, micro, packed),
+        if micro not in largest_micro_batch:
+            largest_micro_batch[micro] = micro_batch_tokens(row_lengths, micro, packed,
+                                                            optimizer_steps * (rows_per_process // micro))
+        return estimate_bytes(shape, tokens=largest_micro_batch[micro],
                               checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
                               embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, loss_kernel=kernel)
 
@@ -230,15 +243,29 @@ def _loss_kernels(fixed: Fixed) -> tuple[str, ...]:
     return tuple(dict.fromkeys(fused if k == "fused" else k for k in AUTO_LOSS_KERNELS))
 
 
-def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool) -> int:
-    """Tokens in a large micro-batch of ``rows`` rows (above the mean; at most the longest rows)."""
-    lengths = sorted(row_lengths) or [1]
+def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool, micro_batches: int = 16) -> int:
+    """Tokens in the largest micro-batch of ``rows`` rows that a run of ``micro_batches`` micro-batches should meet.
+
+    Padded: ``rows`` x the longest row. Packed: the largest of four runs' worth of micro-batches drawn from
+    ``row_lengths`` as a shuffling sampler draws them (seeded, so a plan is reproducible). A budget has to hold for
+    the run's largest micro-batch, not its average one, and a longer run meets a larger one.
+    """
+    lengths = list(row_lengths) or [1]
     if not packed:
-        return rows * lengths[-1]
-    mean = sum(lengths) / len(lengths)
-    std = math.sqrt(sum((x - mean) ** 2 for x in lengths) / len(lengths))
-    longest = sum(lengths[-rows:]) + max(0, rows - len(lengths)) * lengths[-1]
-    return int(min(longest, rows * mean + _TAIL_STDS * std * math.sqrt(rows)))
+        return rows * max(lengths)
+    if rows >= len(lengths):  # more rows than the sample: every row, and the longest again for the rest
+        return sum(lengths) + (rows - len(lengths)) * max(lengths)
+    draws = min(4 * max(micro_batches, 1), _MAX_DRAWS)
+    rng = random.Random(0)
+    largest = 0
+    while draws > 0:
+        rng.shuffle(lengths)
+        for start in range(0, len(lengths) - rows + 1, rows):
+            largest = max(largest, sum(lengths[start:start + rows]))
+            draws -= 1
+            if draws == 0:
+                break
+    return largest
 
 
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
@@ -248,13 +275,13 @@ def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, 
     Compiled layers (``compiled_layers``) that are not checkpointed keep a fifth less for backward (torch.compile
     recomputes cheap elementwise results instead of saving them; a quarter less was measured on Llama-3-8B).
     """
-    per_layer = tokens * 2 * (10 * shape.hidden + 4.5 * shape.intermediate)  # what a layer keeps for backward
+    per_layer = tokens * 2 * (9.3 * shape.hidden + 4.2 * shape.intermediate)  # what a layer keeps for backward
     kept = (shape.layers - checkpointed_layers) * per_layer * (_COMPILED_LAYER_SHARE if compiled_layers else 1)
     checkpoints = checkpointed_layers * tokens * shape.hidden * 2 + (per_layer if checkpointed_layers else 0)
     loss = loss_bytes(shape, tokens, loss_kernel or (("cce" if _cut_cross_entropy() else "chunked") if fused_loss
                                                      else "plain"))
     weights = shape.weight_bytes - (shape.embedding_bytes if embeddings_on_cpu else 0)
-    optimizer = shape.trainable_params * 16  # fp32 weights, gradients and two Adam moments
+    optimizer = shape.trainable_params * shape.adapter_bytes_per_param
     return weights + optimizer + kept + checkpoints + loss + _OVERHEAD_BYTES
 
 
@@ -354,7 +381,16 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
         processes=world_size(), row_lengths=lengths, packed=packed,
         budget_gib=budget, budget_source=source, fixed=fixed, given_micro_batch=args.per_device_train_batch_size,
         can_offload_embeddings=cuda and not _embeddings_trainable(model, peft_config)
-        and not getattr(model.config, "tie_word_embeddings", False), compiled_layers=compiled_layers)
+        and not getattr(model.config, "tie_word_embeddings", False), compiled_layers=compiled_layers,
+        optimizer_steps=_optimizer_steps(args, len(dataset), world_size()))
+
+
+def _optimizer_steps(args, rows: int, processes: int) -> int:
+    """The optimizer steps the Trainer will take: ``max_steps``, else the epochs' worth of global batches."""
+    if args.max_steps and args.max_steps > 0:
+        return args.max_steps
+    global_batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(processes, 1)
+    return max(1, math.ceil(args.num_train_epochs * rows / global_batch))
 
 
 def _trainable_params(model, peft_config) -> int:

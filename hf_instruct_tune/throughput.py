@@ -9,6 +9,8 @@ from transformers import TrainerCallback
 
 WARM_STEPS = 5
 """Steps left out of the measurement (compilation, allocator growth, the first optimizer step), at most half."""
+RECORDED_STEPS = 1_000
+"""The per-step records (:meth:`Throughput.step_seconds` and the like) cover the run's first this many steps."""
 
 
 class Throughput(TrainerCallback):
@@ -21,6 +23,9 @@ class Throughput(TrainerCallback):
     def __init__(self):
         self.tokens = 0
         self.stamps: list[tuple[float, int]] = []
+        self.step_peaks: list[int] = []
+        """Each recorded step's peak GPU bytes (empty on CPU)."""
+        self.peak = 0
 
     def count(self, inputs) -> None:
         """Add the real tokens of one micro-batch: the tokens its rows hold (a prefix-shared batch computes fewer),
@@ -44,7 +49,9 @@ class Throughput(TrainerCallback):
         """The most GPU memory this process's tensors held since training began, in GiB (None on CPU)."""
         import torch
 
-        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+        if not torch.cuda.is_available():
+            return None
+        return max(self.peak, torch.cuda.max_memory_allocated()) / 2**30
 
     def timed_tokens(self) -> int:
         """The tokens of the steps :meth:`tokens_per_second` measures."""
@@ -58,7 +65,27 @@ class Throughput(TrainerCallback):
 
         if torch.cuda.is_available():
             torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated()
+            self.peak = max(self.peak, peak)
+            if len(self.step_peaks) < RECORDED_STEPS:
+                self.step_peaks.append(peak)
+            torch.cuda.reset_peak_memory_stats()
         self.stamps.append((time.perf_counter(), self.tokens))
+
+    def step_tokens(self) -> list[int]:
+        """Each recorded optimizer step's real tokens."""
+        stamps = self.stamps[:RECORDED_STEPS]
+        return [after - before for (_, before), (_, after) in zip([(0.0, 0), *stamps], stamps)]
+
+    def step_peak_gib(self) -> list[float]:
+        """Each recorded optimizer step's peak GPU memory in GiB (empty on CPU)."""
+        return [round(peak / 2**30, 3) for peak in self.step_peaks]
+
+    def step_seconds(self) -> list[float]:
+        """Each recorded optimizer step's wall time after the first, in seconds (a slow step among fast ones shows
+        here)."""
+        stamps = self.stamps[:RECORDED_STEPS]
+        return [round(end - start, 3) for (start, _), (end, _) in zip(stamps, stamps[1:])]
 
     def tokens_per_second(self) -> float | None:
         """This process's real tokens per second after the warm-up steps; None with fewer than two steps."""

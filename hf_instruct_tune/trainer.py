@@ -528,6 +528,9 @@ class InstructTrainer(SFTTrainer):
             "rows_seen": round((self.state.epoch or 0.0) * len(self.train_data.dataset)),
             "tokens_per_second": self.tokens_per_second,
             "timed_tokens": self.timed_tokens,
+            "step_seconds": self.throughput.step_seconds(),
+            "step_tokens": self.throughput.step_tokens(),
+            "step_peak_memory_gib": self.throughput.step_peak_gib(),
             "peak_memory_gib_per_process": self.peak_memory_gib,
             "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         }

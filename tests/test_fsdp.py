@@ -225,7 +225,8 @@ def test_the_memory_table_on_paper_is_the_estimate(monkeypatch):
         embeddings = 128256 * hidden * 2
         shape = ModelShape(layers=layers, hidden=hidden, intermediate=mlp, vocab=128256, weight_bytes=int(base * GIB),
                            embedding_bytes=embeddings, trainable_params=adapter,
-                           quantized_bytes=int(base * GIB) - 2 * embeddings if kind == "QLoRA" else 0)
+                           quantized_bytes=int(base * GIB) - 2 * embeddings if kind == "QLoRA" else 0,
+                           adapter_bytes_per_param=8 if kind == "QLoRA" else 16)
         for gpus, cell in zip((2, 4, 8), cells):
             share = shape.sharded(gpus) if strategy == "FSDP" else shape
             gib = estimate_bytes(share, tokens=4096, checkpointed_layers=layers, fused_loss=True,

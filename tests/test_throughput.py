@@ -13,3 +13,33 @@ def test_real_tokens_are_the_tokens_the_rows_hold():
     meter.count({"input_ids": torch.ones(1, 9, dtype=torch.long), "attention_mask": torch.ones(1, 1, 9, 9),
                  "row_tokens": torch.tensor(14), "rows": torch.tensor(2)})
     assert meter.tokens == 27
+
+
+def test_the_rate_leaves_out_the_warm_up_steps_and_each_step_time_is_kept():
+    meter = Throughput()
+    meter.stamps = [(float(t), 100 * n) for n, t in enumerate([5, 15, 16, 17, 18, 20, 22, 24, 26, 28], start=1)]
+    assert meter.step_seconds() == [10.0, 1.0, 1.0, 1.0, 2.0, 2.0, 2.0, 2.0, 2.0]
+    assert meter.step_tokens() == [100] * 10
+    # ten steps: the first five are left out, the last five made 500 tokens in 28 - 18 seconds
+    assert meter.timed_tokens() == 500
+    assert meter.tokens_per_second() == 50.0
+
+
+def test_the_per_step_records_cover_the_first_thousand_steps():
+    from hf_instruct_tune.throughput import RECORDED_STEPS
+
+    meter = Throughput()
+    meter.stamps = [(float(step), 7 * step) for step in range(1, RECORDED_STEPS + 51)]
+    assert meter.step_tokens() == [7] * RECORDED_STEPS
+    assert len(meter.step_seconds()) == RECORDED_STEPS - 1
+
+
+def test_a_run_writes_each_steps_seconds_and_tokens(tmp_path):
+    from helpers import sentiment_rows, tiny_lora_trainer
+
+    trainer = tiny_lora_trainer(tmp_path, sentiment_rows(12), num_layers=1, max_steps=3)
+    trainer.train()
+    results = trainer._complete_metadata().results
+    assert len(results["step_tokens"]) == 3 and sum(results["step_tokens"]) == trainer.throughput.tokens > 0
+    assert len(results["step_seconds"]) == 2 and all(s > 0 for s in results["step_seconds"])
+    assert results["step_peak_memory_gib"] == []  # CPU: no GPU memory to record

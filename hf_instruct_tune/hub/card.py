@@ -9,7 +9,6 @@ absolute paths and tokens are scrubbed from every text that came from the run.
 from __future__ import annotations
 
 import importlib.resources
-import json
 import os
 import re
 import shlex
