@@ -191,8 +191,8 @@ def plan_memory(
         given_micro_batch: the user's ``batch_size``, kept when ``budget_gib`` is ``None``.
         can_offload_embeddings: the table can move to CPU memory (a GPU run with a frozen table).
         compiled_layers: the decoder layers will be compiled (they keep less for backward).
-        optimizer_steps: the run's optimizer steps: a longer run meets a larger micro-batch, which the budget must
-            hold too.
+        optimizer_steps: the run's optimizer steps: a longer run (or one over more processes) meets a larger
+            micro-batch, which the budget must hold too.
     """
     layers = shape.layers
     kernels = _loss_kernels(fixed)
@@ -213,8 +213,9 @@ def plan_memory(
 
     def cost(micro: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
         if micro not in largest_micro_batch:
-            largest_micro_batch[micro] = micro_batch_tokens(row_lengths, micro, packed,
-                                                            optimizer_steps * (rows_per_process // micro))
+            # every process must hold its own largest micro-batch: the run meets this many in all
+            micro_batches = optimizer_steps * (rows_per_process // micro) * processes
+            largest_micro_batch[micro] = micro_batch_tokens(row_lengths, micro, packed, micro_batches)
         return estimate_bytes(shape, tokens=largest_micro_batch[micro],
                               checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
                               embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, loss_kernel=kernel)

@@ -307,3 +307,19 @@ def test_the_plan_takes_the_loss_kernel_given_and_counts_its_memory(monkeypatch)
     chunked, cce = (estimate_bytes(LLAMA3_8B_NF4, **options, loss_kernel=k) for k in ("chunked", "cce"))
     assert chunked - cce == 1024 * 128256 * 16 - BENCH_STEP_TOKENS * 4096 * 4
     assert tight.micro_batch < _plan(8).micro_batch
+
+
+def test_more_processes_meet_a_larger_micro_batch(monkeypatch):
+    monkeypatch.setattr("hf_instruct_tune.memory_plan._cut_cross_entropy", lambda: True)
+    calls = []
+    original = micro_batch_tokens
+
+    def counting(lengths, rows, packed, micro_batches=16):
+        calls.append(micro_batches)
+        return original(lengths, rows, packed, micro_batches)
+
+    monkeypatch.setattr("hf_instruct_tune.memory_plan.micro_batch_tokens", counting)
+    for processes in (1, 8):
+        plan_memory(LLAMA3_8B_NF4, rows_per_process=16, processes=processes, row_lengths=_bench_lengths(),
+                    packed=True, budget_gib=32, optimizer_steps=10)
+    assert calls[0] == 10 and calls[-1] == 80  # one process's 10 micro-batches; eight processes' 80
