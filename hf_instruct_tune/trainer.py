@@ -619,12 +619,37 @@ class InstructTrainer(SFTTrainer):
             Trainer._save_checkpoint(self, model, trial)
         finally:
             self._checkpoint_root = None
+        staged = run_dir / STAGING_DIR / f"checkpoint-{self.state.global_step}"
+        self._point_best_checkpoint_at(run_dir, staged)
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in the staged folder
         if self.args.should_save:
-            publish_checkpoint(run_dir / STAGING_DIR / f"checkpoint-{self.state.global_step}", run_dir)
+            publish_checkpoint(staged, run_dir)
             rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
                                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
         self.accelerator.wait_for_everyone()
+
+    def _point_best_checkpoint_at(self, run_dir: Path, staged: Path) -> None:
+        """Where the Trainer recorded the staged folder as the best checkpoint, record the folder it is published as,
+        in this process's state and in the staged ``trainer_state.json``, so that ``load_best_model_at_end`` and
+        ``save_total_limit`` find it."""
+        from transformers.trainer import TRAINER_STATE_NAME
+
+        best = self.state.best_model_checkpoint
+        if best is None or Path(best).parent != staged.parent:
+            return
+        self.state.best_model_checkpoint = str(run_dir / Path(best).name)
+        if self.args.should_save:
+            self.state.save_to_json(str(staged / TRAINER_STATE_NAME))
+
+    def _load_best_model(self) -> None:
+        """Under FSDP: every process loads the best checkpoint's whole adapter into its shard of the model."""
+        if not getattr(self, "is_fsdp_enabled", False):
+            return super()._load_best_model()
+        from .fsdp import load_adapter
+
+        logger.info("Loading the best checkpoint, %s (%s %s)", self.state.best_model_checkpoint,
+                    self.args.metric_for_best_model, self.state.best_metric)
+        load_adapter(self.model, self.state.best_model_checkpoint)
 
     def _get_output_dir(self, trial):
         staging = getattr(self, "_checkpoint_root", None)

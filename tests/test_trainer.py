@@ -139,3 +139,35 @@ def test_needs_a_train_dataset(tmp_path):
 
     with pytest.raises(InputError, match="needs a `train_dataset`"):
         InstructTrainer("unused", _config(tmp_path))
+
+
+def test_load_best_model_at_end_loads_the_best_checkpoint_and_rotation_keeps_it(tmp_path):
+    """Checkpoints are written in a staging folder and renamed: the best one is recorded under its final name."""
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+    from hf_instruct_tune.trainer import InstructTrainer
+
+    tok = build_tiny_tokenizer()
+    contrary = [{**row, "output": "no"} for row in ROWS]  # the loss on it rises once training learns ROWS' answers
+    args = _config(tmp_path / "run", max_steps=4, learning_rate=2e-1, save_strategy="steps", save_steps=1,
+                   eval_strategy="steps", eval_steps=1, save_total_limit=1, load_best_model_at_end=True,
+                   metric_for_best_model="eval_loss")
+    torch.manual_seed(0)
+    trainer = InstructTrainer(build_tiny_model(tok), args, train_dataset=ROWS, eval_dataset=contrary,
+                              processing_class=tok, template="alpaca",
+                              peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                     task_type="CAUSAL_LM"))
+    trainer.train()
+    evals = {entry["step"]: entry["eval_loss"] for entry in trainer.state.log_history if "eval_loss" in entry}
+    best = min(evals, key=evals.get)
+    assert best < 4  # the last checkpoint is not the best: loading has something to do
+    best_dir = tmp_path / "run" / f"checkpoint-{best}"
+    assert trainer.state.best_model_checkpoint == str(best_dir)
+    assert json.loads((best_dir / "trainer_state.json").read_text())["best_model_checkpoint"] == str(best_dir)
+    saved = load_file(best_dir / "adapter_model.safetensors")
+    adapter = get_peft_model_state_dict(trainer.model)
+    for name, tensor in saved.items():
+        assert torch.equal(adapter[name], tensor), name
