@@ -162,14 +162,15 @@ def _unwrapped(optimizer):
     return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer holds torch's
 
 
-def load_adapter(model, folder: str | Path) -> None:
+def load_adapter(model, folder: str | Path, *, field: str = "resume") -> None:
     """Load the whole adapter a checkpoint holds (``adapter_model.safetensors``) into a model sharded with FSDP2.
 
     Call it on every process: each reads the file and keeps its own shard of each tensor (no communication).
     Only the trainable weights are written: the frozen base stays as loaded (torch's ``set_model_state_dict``
     would copy every base weight, 4-bit ones included, onto itself). File names are the model's parameter names
     as PEFT's ``save_pretrained`` writes them (without the adapter's name). Raises :class:`InputError` when the
-    file lacks a tensor of the model's adapter or holds one at another shape; nothing is loaded then.
+    file lacks a tensor of the model's adapter or holds one at another shape (naming ``field``, the setting that
+    asked for the checkpoint); nothing is loaded then.
     """
     import torch
     from safetensors.torch import load_file
@@ -177,7 +178,7 @@ def load_adapter(model, folder: str | Path) -> None:
 
     path = Path(folder) / ADAPTER_FILE
     if not path.is_file():
-        raise InputError(f"holds no {ADAPTER_FILE} to resume from", source=str(folder), field="resume")
+        raise InputError(f"holds no {ADAPTER_FILE}", source=str(folder), field=field)
     saved = load_file(path)
     trainable = {name: param for name, param in model.named_parameters() if param.requires_grad}
     in_file = _file_names(model, list(trainable))
@@ -185,8 +186,8 @@ def load_adapter(model, folder: str | Path) -> None:
              if in_file[name] not in saved or tuple(saved[in_file[name]].shape) != tuple(param.shape)]
     if wrong:
         raise InputError(f"{path.name} does not hold this model's adapter: {len(wrong)} of {len(trainable)} tensors "
-                         f"missing or at another shape ({in_file[wrong[0]]}, ...); resume with the settings it was "
-                         "trained with", source=str(folder), field="resume")
+                         f"missing or at another shape ({in_file[wrong[0]]}, ...); load it with the settings it "
+                         "was trained with", source=str(folder), field=field)
     with torch.no_grad():
         for name, param in trainable.items():
             whole = saved[in_file[name]].to(param.device, param.dtype)

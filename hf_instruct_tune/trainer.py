@@ -649,7 +649,7 @@ class InstructTrainer(SFTTrainer):
 
         logger.info("Loading the best checkpoint, %s (%s %s)", self.state.best_model_checkpoint,
                     self.args.metric_for_best_model, self.state.best_metric)
-        load_adapter(self.model, self.state.best_model_checkpoint)
+        load_adapter(self.model, self.state.best_model_checkpoint, field="load_best_model_at_end")
 
     def _get_output_dir(self, trial):
         staging = getattr(self, "_checkpoint_root", None)

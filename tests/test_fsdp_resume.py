@@ -70,6 +70,8 @@ def test_a_checkpoint_without_the_models_adapter_is_an_input_error(tmp_path):
         fsdp.load_adapter(model, tmp_path / "q_only")
     with pytest.raises(InputError, match="holds no adapter_model.safetensors"):
         fsdp.load_adapter(model, tmp_path)
+    with pytest.raises(InputError, match="field 'load_best_model_at_end': holds no adapter_model.safetensors"):
+        fsdp.load_adapter(model, tmp_path, field="load_best_model_at_end")
 
 
 def test_an_optimizer_state_saved_without_fsdp_is_an_input_error(tmp_path):
