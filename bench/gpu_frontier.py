@@ -48,6 +48,11 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
         config = os.path.abspath(flags[at + 1])
         flags = flags[:at] + flags[at + 2:]
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "hf_instruct_tune"]
+    env = dict(os.environ)
+    if env.get("BENCH_PROFILE_STEPS"):  # the same run with a profiler window (bench/profiled_train.py)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiled_train.py")
+        launcher = [*launcher[:-2], script] if launcher[-2:] == ["-m", "hf_instruct_tune"] else launcher
+        env["BENCH_PROFILE_OUT"] = os.path.join(os.path.abspath(outdir), f"profile_{name}")
     command = [*launcher, "train", "--model", model_dir, "--data", data_file,
                "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",
                "--max-steps", str(gpu_bench.STEPS), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",
@@ -57,7 +62,7 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
     with open(log, "w") as fh:
         # from /tmp: `python -m` puts the working folder first on sys.path, and the checkout's package lacks
         # the installed layout (templates/ and cards/ inside it)
-        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, cwd="/tmp").returncode
+        code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, cwd="/tmp", env=env).returncode
     result = {"stack": "hit-cli", "variant": name, "flags": " ".join(flags), "wall_s": round(time.time() - start, 1)}
     if code != 0:
         result["error"] = f"exit {code}: " + open(log).read()[-300:]

@@ -7,7 +7,8 @@
 # with the adapter of GPU 0's default run). The two sides share the host, not a GPU. BENCH_STEPS=N: N steps per
 # run in every stack (steps 6-N timed; 10 by default). GPU0_BASELINES="stack flags;...": baselines GPU 0 runs after
 # the package's part, to even out the two sides. Results under $OUT: frontier.json (both parts, for
-# `python bench/gpu_frontier.py table`), loss_kernels.jsonl, generate.jsonl, logs.tgz.
+# `python bench/gpu_frontier.py table`), loss_kernels.jsonl, generate.jsonl, logs.tgz. COMPILED_FIRST=1: GPU 1 runs
+# the compiled runs before its baselines (BASELINES_S seconds kept for those).
 set -uo pipefail
 START=$(date +%s); TOTAL_S=${TOTAL_S:-570}
 source bench/gpu_env.sh
@@ -32,9 +33,16 @@ unsloth --bs 4 --ga 4 --padding-free --no-ckpt;unsloth --bs 16 --ga 1;hf --bs 4 
 package=$!
 (
   export CUDA_VISIBLE_DEVICES=1
-  PART=baselines SKIP_PROFILE=1 OUT=$WORK/baselines timeout $(( $(left) - ${COMPILED_S:-230} )) bash bench/run_gpu_frontier.sh \
-    > $WORK/baselines.txt 2>&1
-  PART=compiled OUT=$WORK/compiled timeout $(( $(left) - 20 )) bash bench/run_gpu_frontier.sh > $WORK/compiled.txt 2>&1
+  if [ -n "${COMPILED_FIRST:-}" ]; then  # the compiled runs, then the baselines with what time is left
+    PART=compiled OUT=$WORK/compiled timeout $(( $(left) - ${BASELINES_S:-150} )) bash bench/run_gpu_frontier.sh \
+      > $WORK/compiled.txt 2>&1
+    PART=baselines SKIP_PROFILE=1 OUT=$WORK/baselines timeout $(( $(left) - 20 )) bash bench/run_gpu_frontier.sh \
+      > $WORK/baselines.txt 2>&1
+  else
+    PART=baselines SKIP_PROFILE=1 OUT=$WORK/baselines timeout $(( $(left) - ${COMPILED_S:-230} )) bash bench/run_gpu_frontier.sh \
+      > $WORK/baselines.txt 2>&1
+    PART=compiled OUT=$WORK/compiled timeout $(( $(left) - 20 )) bash bench/run_gpu_frontier.sh > $WORK/compiled.txt 2>&1
+  fi
   [ "${EXTRAS:-1}" = 1 ] || exit 0
   export PYTHONPATH=/tmp/site:/tmp/pkg_baselines
   [ -f bench/gpu_loss_kernels.py ] && timeout 100 python3 bench/gpu_loss_kernels.py > $WORK/loss_kernels.txt 2>&1

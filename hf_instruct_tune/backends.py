@@ -16,6 +16,7 @@ Nothing here imports Unsloth, bitsandbytes or peft unless that backend or option
 from __future__ import annotations
 
 import importlib
+import math
 import importlib.util
 import sys
 import warnings
@@ -201,27 +202,34 @@ def add_lora(
     return get_peft_model(model, config)
 
 
-def offload_input_embeddings(model: Any) -> Any:
+def offload_input_embeddings(model: Any, *, reserve_tokens: int = 0) -> Any:
     """Keep the frozen input-embedding table in CPU memory and look tokens up there (saves ~1 GiB on Llama-3-8B).
 
     Only the looked-up rows travel to the GPU (``T x hidden`` per micro-batch), to wherever the model is
-    (``model.to()`` moves an empty marker buffer, not the table). The table is a plain attribute, not a
-    parameter, so DDP and ``model.to()`` leave it alone; use it for training LoRA adapters, not for saving the
-    full model. Returns ``model``; a second call changes nothing.
+    (``model.to()`` moves an empty marker buffer, not the table). The rows are gathered into one pinned staging
+    buffer that every micro-batch reuses, sized up front for ``reserve_tokens`` tokens (the largest micro-batch
+    the run expects) and grown if a larger one comes: pinning host memory is slow, so it is done once rather
+    than in the step that first meets a larger micro-batch. The table is a plain attribute, not a parameter, so
+    DDP and ``model.to()`` leave it alone; use it for training LoRA adapters, not for saving the full model.
+    Returns ``model``; a second call changes nothing but the reservation.
     """
     import torch
 
     old = model.get_input_embeddings()
     if isinstance(old, _cpu_embedding_class()):
+        old.reserve(reserve_tokens)
         return model
-    model.set_input_embeddings(_CPUEmbedding(old.weight.detach().to("cpu"), old.weight.device))
+    embedding = _CPUEmbedding(old.weight.detach().to("cpu"), old.weight.device)
+    model.set_input_embeddings(embedding)
     if old.weight.is_cuda:
         del old
         torch.cuda.empty_cache()
+    embedding.reserve(reserve_tokens)
     return model
 
 
 _CPU_EMBEDDING = None
+_STAGING_GROWTH = 1.25  # a staging buffer outgrown is replaced by one this much larger than the micro-batch
 
 
 def _cpu_embedding_class():
@@ -235,13 +243,36 @@ def _cpu_embedding_class():
             super().__init__()
             self.table = table
             self.register_buffer("marker", torch.empty(0, device=device), persistent=False)
+            self.staging: torch.Tensor | None = None  # pinned rows, reused by every micro-batch
+            self._staging_free: torch.cuda.Event | None = None  # recorded after the last copy out of it
+
+        def reserve(self, tokens: int) -> None:
+            """Pin a staging buffer for ``tokens`` looked-up rows now (on a CUDA model; else nothing)."""
+            if self.marker.device.type != "cuda" or tokens <= 0:
+                return
+            if self.staging is not None and self.staging.shape[0] >= tokens:
+                return
+            if self._staging_free is not None:
+                self._staging_free.synchronize()
+            self.staging = None
+            self.staging = torch.empty((tokens, self.table.shape[1]), dtype=self.table.dtype, pin_memory=True)
 
         def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-            rows = torch.nn.functional.embedding(input_ids.to("cpu"), self.table)
+            ids = input_ids.to("cpu")
             device = self.marker.device
             if device.type != "cuda":
-                return rows.to(device)
-            return rows.pin_memory().to(device, non_blocking=True)
+                return torch.nn.functional.embedding(ids, self.table).to(device)
+            tokens = ids.numel()
+            if self.staging is None or self.staging.shape[0] < tokens:
+                self.reserve(math.ceil(tokens * _STAGING_GROWTH))
+            if self._staging_free is not None:
+                self._staging_free.synchronize()  # the previous micro-batch's rows have left the buffer
+            rows = self.staging[:tokens]
+            torch.index_select(self.table, 0, ids.reshape(-1), out=rows)
+            on_device = rows.to(device, non_blocking=True).view(*ids.shape, self.table.shape[1])
+            self._staging_free = torch.cuda.Event()
+            self._staging_free.record()
+            return on_device
 
     _CPU_EMBEDDING = CPUEmbedding
     return CPUEmbedding

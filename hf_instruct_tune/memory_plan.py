@@ -127,6 +127,8 @@ class MemoryPlan:
     """The estimate is for compiled decoder layers (``compile_layers``), which keep less for backward."""
     loss_kernel: str | None = None
     """One of :data:`LOSS_KERNELS`; None: the fused loss's own choice when ``fused_loss``, else plain."""
+    micro_batch_tokens: int | None = None
+    """Tokens in the largest micro-batch the run should meet (:func:`micro_batch_tokens`); None when unplanned."""
 
     @property
     def fits(self) -> bool:
@@ -231,7 +233,7 @@ def plan_memory(
     estimate = cost(micro, checkpointed, kernel, on_cpu)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
-                      kernel)
+                      kernel, largest_micro_batch[micro])
 
 
 def _loss_kernels(fixed: Fixed) -> tuple[str, ...]:
@@ -383,10 +385,10 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
         budget_gib=budget, budget_source=source, fixed=fixed, given_micro_batch=args.per_device_train_batch_size,
         can_offload_embeddings=cuda and not _embeddings_trainable(model, peft_config)
         and not getattr(model.config, "tie_word_embeddings", False), compiled_layers=compiled_layers,
-        optimizer_steps=_optimizer_steps(args, len(dataset), world_size()))
+        optimizer_steps=planned_optimizer_steps(args, len(dataset), world_size()))
 
 
-def _optimizer_steps(args, rows: int, processes: int) -> int:
+def planned_optimizer_steps(args, rows: int, processes: int) -> int:
     """The optimizer steps the Trainer will take: ``max_steps``, else the epochs' worth of global batches."""
     if args.max_steps and args.max_steps > 0:
         return args.max_steps

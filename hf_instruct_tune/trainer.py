@@ -25,7 +25,9 @@ from .errors import InputError
 from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
-from .memory_plan import Fixed, MemoryPlan, apply_checkpointing, plan_for_trainer, sampled_row_lengths
+from .launch import world_size
+from .memory_plan import (Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens, plan_for_trainer,
+                          planned_optimizer_steps, sampled_row_lengths)
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
 from .metadata import METADATA_FILE_NAME, TrainingMetadata, framework_versions, write_text_atomic
@@ -248,7 +250,11 @@ class InstructTrainer(SFTTrainer):
             self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
                                                         1.0 if _checkpointing_arg(args) else 0.0)
             if fixed.embeddings_on_cpu and not isinstance(model, str):
-                offload_input_embeddings(model)
+                micro = args.per_device_train_batch_size
+                micro_batches = planned_optimizer_steps(args, len(self.train_data.dataset), world_size()) * \
+                    args.gradient_accumulation_steps
+                offload_input_embeddings(model, reserve_tokens=micro_batch_tokens(lengths, micro, self.packing,
+                                                                                  micro_batches))
             return None
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed, row_lengths=lengths)
@@ -264,7 +270,7 @@ class InstructTrainer(SFTTrainer):
         args.gradient_accumulation_steps = plan.grad_accum
         _set_checkpointing_arg(args, False)  # the plan's layers are set after PEFT wraps the model
         if plan.embeddings_on_cpu:
-            offload_input_embeddings(model)
+            offload_input_embeddings(model, reserve_tokens=plan.micro_batch_tokens or 0)
         self.fused_loss = plan.fused_loss
         logger.info(plan.describe())
         return plan

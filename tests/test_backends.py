@@ -128,3 +128,40 @@ LABELS_SNIPPET = (
     "EOSSafeCollator(pad_token_id=tok.pad_token_id, padding_free=pf)(ex).items()}} for pf in (False, True)}}); "
     "print(json.dumps(out))"
 )
+
+
+def _tiny_model_with_table():
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    model = build_tiny_model(build_tiny_tokenizer())
+    return model, model.get_input_embeddings().weight.detach().clone()
+
+
+def test_embeddings_in_cpu_memory_look_up_the_same_rows():
+    model, table = _tiny_model_with_table()
+    backends.offload_input_embeddings(model, reserve_tokens=64)
+    embedding = model.get_input_embeddings()
+    assert not any(p is embedding.table for p in model.parameters())
+    assert embedding.staging is None  # nothing to pin without a GPU
+    ids = torch.tensor([[5, 7, 9, 5]])
+    assert torch.equal(embedding(ids), table[ids])
+    assert backends.offload_input_embeddings(model) is model and model.get_input_embeddings() is embedding
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the staging buffer is pinned memory: needs a CUDA GPU")
+def test_embeddings_in_cpu_memory_reuse_one_pinned_buffer_on_a_gpu():
+    model, table = _tiny_model_with_table()
+    model.cuda()
+    table = table.cuda()
+    backends.offload_input_embeddings(model, reserve_tokens=64)
+    embedding = model.get_input_embeddings()
+    pinned = embedding.staging.data_ptr()
+    generator = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, table.shape[0], (1, tokens), generator=generator).cuda() for tokens in (10, 64, 3)]
+    outputs = [embedding(ids) for ids in batches]  # each micro-batch's rows copied out before the next overwrite
+    for ids, output in zip(batches, outputs):
+        assert torch.equal(output, table[ids])
+    assert embedding.staging.data_ptr() == pinned and embedding.staging.is_pinned()
+    larger = torch.randint(0, table.shape[0], (2, 50), generator=generator).cuda()
+    assert torch.equal(embedding(larger), table[larger])  # outgrown: a larger buffer, with room to spare
+    assert embedding.staging.shape[0] >= 125

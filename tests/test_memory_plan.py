@@ -53,6 +53,7 @@ def test_the_plan_holds_the_budget_at_the_runs_largest_micro_batch(monkeypatch):
     plan = plan_memory(LLAMA3_8B_NF4, rows_per_process=16, processes=1, row_lengths=_bench_lengths(), packed=True,
                        budget_gib=32, optimizer_steps=16)
     assert plan.checkpointed_layers > 6 and plan.fits
+    assert plan.micro_batch_tokens == micro_batch_tokens(_bench_lengths(), 16, packed=True, micro_batches=16)
     peak = estimate_bytes(LLAMA3_8B_NF4, tokens=max(STEP_TOKENS), checkpointed_layers=plan.checkpointed_layers,
                           fused_loss=plan.fused_loss, embeddings_on_cpu=plan.embeddings_on_cpu) / GIB
     assert peak <= 32
