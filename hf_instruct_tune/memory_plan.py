@@ -7,7 +7,9 @@ fixed by the user; how they are cut into micro-batches is not, and neither is wh
 1. the micro-batch: the most rows per forward pass that fit with every memory saving on (fewer, larger
    micro-batches are much faster: the per-micro-batch cost of a 4-bit model is mostly fixed);
 2. where the frozen input-embedding table lives: on the GPU when that micro-batch fits so, else in CPU memory;
-3. how many decoder layers recompute their activations in backward (as few as fit);
+3. how many decoder layers recompute their activations in backward: as few as fit, for each micro-batch by its
+   own tokens (packed micro-batches of the same rows vary in length; the largest the run should meet sets the
+   most, a shorter one recomputes fewer);
 4. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits):
    Cut Cross-Entropy where it is installed, else the chunked loss (:data:`AUTO_LOSS_KERNELS`); or the one given.
 
@@ -91,16 +93,17 @@ class ModelShape:
                    trainable_params=trainable_params, quantized_bytes=quantized,
                    adapter_bytes_per_param=8 if quantized else 16)
 
-    def sharded(self, processes: int) -> ModelShape:
+    def sharded(self, processes: int, gathered_layers: int = 3) -> ModelShape:
         """One process's share under FSDP over ``processes``: the sharded weights and the adapter divided among
-        them, plus two decoder layers gathered whole (the one computing and the one prefetched). The 4-bit
-        weights (``quantized_bytes``) are not sharded: every process holds all of them."""
+        them, plus ``gathered_layers`` decoder layers gathered whole (the one computing and those prefetched:
+        :func:`~hf_instruct_tune.fsdp_prefetch.prefetch_depth`). The 4-bit weights (``quantized_bytes``) are not
+        sharded: every process holds all of them."""
         if processes <= 1:
             return self
         sharded_bytes = self.weight_bytes - self.quantized_bytes
         layer_bytes = (sharded_bytes - self.embedding_bytes) / self.layers  # the output head spread over layers
         return dataclasses.replace(
-            self, weight_bytes=int(self.quantized_bytes + sharded_bytes / processes + 2 * layer_bytes),
+            self, weight_bytes=int(self.quantized_bytes + sharded_bytes / processes + gathered_layers * layer_bytes),
             embedding_bytes=self.embedding_bytes // processes,
             trainable_params=math.ceil(self.trainable_params / processes))
 
@@ -129,6 +132,17 @@ class MemoryPlan:
     """One of :data:`LOSS_KERNELS`; None: the fused loss's own choice when ``fused_loss``, else plain."""
     micro_batch_tokens: int | None = None
     """Tokens in the largest micro-batch the run should meet (:func:`micro_batch_tokens`); None when unplanned."""
+    tokens_within_budget: tuple[int, ...] | None = None
+    """Per micro-batch checkpointing: entry ``c`` is the most tokens a micro-batch may hold with its first ``c``
+    layers recomputed and still fit the budget. ``checkpointed_layers`` is the count at the largest micro-batch;
+    a smaller one recomputes fewer (:meth:`layers_to_checkpoint`). None: every micro-batch recomputes
+    ``checkpointed_layers`` (checkpointing fixed by the user, or nothing planned)."""
+
+    def layers_to_checkpoint(self, tokens: int) -> int:
+        """The decoder layers a micro-batch of ``tokens`` tokens recomputes: as few as fit the budget."""
+        if self.tokens_within_budget is None:
+            return self.checkpointed_layers
+        return next((count for count, most in enumerate(self.tokens_within_budget) if tokens <= most), self.layers)
 
     @property
     def fits(self) -> bool:
@@ -141,6 +155,9 @@ class MemoryPlan:
             loss += f" ({self.loss_kernel})"
         where = "CPU" if self.embeddings_on_cpu else "device"
         compiled = " (compiled)" if self.compiled_layers else ""
+        checkpointed = f"{self.checkpointed_layers}/{self.layers} layers checkpointed{compiled}"
+        if self.tokens_within_budget is not None and self.checkpointed_layers > 0:
+            checkpointed += " at the largest micro-batch, fewer at shorter ones"
         if self.budget_gib is None:
             memory = "no budget (CPU): the batch runs as given"
         else:
@@ -149,7 +166,7 @@ class MemoryPlan:
                 memory += ": does not fit even so, expect an out-of-memory error"
         return (f"Memory plan: {self.rows_per_step} rows per optimizer step = {self.micro_batch} per micro-batch x "
                 f"{self.grad_accum} accumulated x {self.processes} process{'es' if self.processes > 1 else ''}; "
-                f"{self.checkpointed_layers}/{self.layers} layers checkpointed{compiled}; loss: {loss}; input "
+                f"{checkpointed}; loss: {loss}; input "
                 f"embeddings on {where}; {memory}")
 
 
@@ -231,9 +248,26 @@ def plan_memory(
                         most_checkpointed)
     kernel = next((k for k in kernels if cost(micro, checkpointed, k, on_cpu) <= budget), lean_loss)
     estimate = cost(micro, checkpointed, kernel, on_cpu)
+    within = None
+    if len(checkpoint_choices) > 1:  # the plan chooses the checkpointed layers: per micro-batch
+        within = tuple(_most_tokens(lambda tokens, c=count: estimate_bytes(
+            shape, tokens=tokens, checkpointed_layers=c, fused_loss=kernel != "plain", embeddings_on_cpu=on_cpu,
+            compiled_layers=compiled_layers, loss_kernel=kernel) <= budget) for count in range(layers + 1))
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
-                      kernel, largest_micro_batch[micro])
+                      kernel, largest_micro_batch[micro], within)
+
+
+def _most_tokens(fits, upper: int = 1 << 24) -> int:
+    """The largest token count for which ``fits(tokens)`` holds (0 if none; ``fits`` holds up to a point)."""
+    low, high = 0, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
 
 
 def _loss_kernels(fixed: Fixed) -> tuple[str, ...]:
@@ -323,6 +357,38 @@ def apply_checkpointing(model, layers: int) -> None:
         layer.gradient_checkpointing = index < layers
 
 
+class CheckpointSwitch:
+    """Per micro-batch checkpointing (:attr:`MemoryPlan.tokens_within_budget`): before each training micro-batch,
+    :meth:`set_for` makes the model's first :meth:`MemoryPlan.layers_to_checkpoint` decoder layers recompute their
+    activations in backward and the others keep them. Recomputing gives the same values, so only memory and
+    speed depend on it."""
+
+    def __init__(self, model, plan: MemoryPlan):
+        self.model = model
+        self.plan = plan
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.layers = _decoder_layers(base)
+        self.enabled = plan.checkpointed_layers > 0
+        self.current = plan.checkpointed_layers
+        self.counts: dict[int, int] = {}
+        """How many micro-batches ran with each count of checkpointed layers."""
+
+    def set_for(self, inputs: dict) -> int:
+        """Set the layers for the micro-batch ``inputs`` (its ``input_ids``); returns how many recompute."""
+        ids = inputs.get("input_ids")
+        tokens = ids.numel() if ids is not None else 0
+        count = self.plan.layers_to_checkpoint(tokens)
+        if count > 0 and not self.enabled:
+            apply_checkpointing(self.model, count)
+            self.enabled = True
+        elif count != self.current:
+            for index, layer in enumerate(self.layers):
+                layer.gradient_checkpointing = index < count
+        self.current = count
+        self.counts[count] = self.counts.get(count, 0) + 1
+        return count
+
+
 def checkpointed_layer_count(model) -> int:
     """How many decoder layers of ``model`` recompute their activations in backward."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -376,7 +442,9 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
     lengths = row_lengths if row_lengths is not None else sampled_row_lengths(dataset)
     shape = ModelShape.of(model, trainable_params=_trainable_params(model, peft_config))
     if fsdp_launched():
-        shape = shape.sharded(world_size())
+        from .fsdp_prefetch import prefetch_depth
+
+        shape = shape.sharded(world_size(), gathered_layers=1 + prefetch_depth())
     if fixed.embeddings_on_cpu is None and _embeddings_in_cpu_memory(model):
         fixed = dataclasses.replace(fixed, embeddings_on_cpu=True)
     return plan_memory(

@@ -26,8 +26,8 @@ from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
 from .launch import world_size
-from .memory_plan import (Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens, plan_for_trainer,
-                          planned_optimizer_steps, sampled_row_lengths)
+from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
+                          plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
 from .metadata import METADATA_FILE_NAME, TrainingMetadata, framework_versions, write_text_atomic
@@ -216,8 +216,11 @@ class InstructTrainer(SFTTrainer):
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
             attn = _attention_of(self.model)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
+        self.checkpoint_switch: CheckpointSwitch | None = None
         if self.memory_plan is not None:
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
+            if self.memory_plan.tokens_within_budget is not None:
+                self.checkpoint_switch = CheckpointSwitch(self.model, self.memory_plan)
         self.compile_layers = self.compilation.compiled
         if self.compile_layers:
             compile_decoder_layers(self.model)
@@ -388,6 +391,8 @@ class InstructTrainer(SFTTrainer):
         """TRL's loss; with ``fused_loss`` (inside ``train()``), the fused cross-entropy from hidden states."""
         if model.training:
             self.throughput.count(inputs)
+            if self.checkpoint_switch is not None:
+                self.checkpoint_switch.set_for(inputs)
         if "loss_positions" in inputs:
             return self._shared_prefix_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._lm_head is None:
@@ -537,6 +542,9 @@ class InstructTrainer(SFTTrainer):
             "step_seconds": self.throughput.step_seconds(),
             "step_tokens": self.throughput.step_tokens(),
             "step_peak_memory_gib": self.throughput.step_peak_gib(),
+            "checkpointed_layers_per_micro_batch": (
+                {str(count): n for count, n in sorted(self.checkpoint_switch.counts.items())}
+                if self.checkpoint_switch is not None else None),
             "peak_memory_gib_per_process": self.peak_memory_gib,
             "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
         }

@@ -51,9 +51,9 @@ def test_prefetching_trains_the_same_adapter(runs):
 
 def test_the_depth_comes_from_the_environment(monkeypatch):
     monkeypatch.delenv(PREFETCH_ENV, raising=False)
-    assert prefetch_depth() == 1
-    monkeypatch.setenv(PREFETCH_ENV, "2")
     assert prefetch_depth() == 2
+    monkeypatch.setenv(PREFETCH_ENV, "1")
+    assert prefetch_depth() == 1
     monkeypatch.setenv(PREFETCH_ENV, "ahead")
     with pytest.raises(InputError, match=PREFETCH_ENV):
         prefetch_depth()

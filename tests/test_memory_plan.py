@@ -54,6 +54,20 @@ def test_the_plan_holds_the_budget_at_the_runs_largest_micro_batch(monkeypatch):
                        budget_gib=32, optimizer_steps=16)
     assert plan.checkpointed_layers > 6 and plan.fits
     assert plan.micro_batch_tokens == micro_batch_tokens(_bench_lengths(), 16, packed=True, micro_batches=16)
+    # each micro-batch recomputes as few layers as its own tokens need: the largest the planned count, the
+    # mean-sized one fewer; each count's token limit is the most that count holds within the budget
+    assert plan.layers_to_checkpoint(plan.micro_batch_tokens) == plan.checkpointed_layers
+    assert plan.layers_to_checkpoint(sum(STEP_TOKENS) // len(STEP_TOKENS)) < plan.checkpointed_layers
+    limits = plan.tokens_within_budget
+    assert len(limits) == 33 and limits[0] < limits[16] < limits[32]
+    for count, most in enumerate(limits):
+        options = dict(checkpointed_layers=count, fused_loss=plan.fused_loss, embeddings_on_cpu=plan.embeddings_on_cpu,
+                       loss_kernel=plan.loss_kernel)
+        assert estimate_bytes(LLAMA3_8B_NF4, tokens=most, **options) <= 32 * GIB
+        assert estimate_bytes(LLAMA3_8B_NF4, tokens=most + 1, **options) > 32 * GIB
+    fixed = plan_memory(LLAMA3_8B_NF4, rows_per_process=16, processes=1, row_lengths=_bench_lengths(), packed=True,
+                        budget_gib=32, optimizer_steps=16, fixed=Fixed(checkpointing=True))
+    assert fixed.tokens_within_budget is None and fixed.layers_to_checkpoint(10) == 32  # the user's choice holds
     peak = estimate_bytes(LLAMA3_8B_NF4, tokens=max(STEP_TOKENS), checkpointed_layers=plan.checkpointed_layers,
                           fused_loss=plan.fused_loss, embeddings_on_cpu=plan.embeddings_on_cpu) / GIB
     assert peak <= 32
@@ -237,8 +251,10 @@ def test_the_fsdp_estimate_brackets_the_measured_peaks(monkeypatch):
 
     def estimates(tokens: int) -> tuple[float, float]:
         options = dict(tokens=tokens, checkpointed_layers=0, fused_loss=False, embeddings_on_cpu=False)
-        return (estimate_bytes(shape.sharded(2), **options) / GIB,
-                estimate_bytes(dataclasses.replace(shape, quantized_bytes=0).sharded(2), **options) / GIB)
+        # measured with one layer prefetched: two gathered at a time
+        return (estimate_bytes(shape.sharded(2, gathered_layers=2), **options) / GIB,
+                estimate_bytes(dataclasses.replace(shape, quantized_bytes=0).sharded(2, gathered_layers=2),
+                               **options) / GIB)
 
     # each run's peak is its largest micro-batch's: above the mean-sized one, below the largest the plan budgets for
     at_mean, at_largest = estimates(BENCH_STEP_TOKENS), estimates(micro_batch_tokens(_bench_lengths(), 16, True))
@@ -281,12 +297,43 @@ def test_training_recomputes_the_layers_the_plan_chose(tmp_path, monkeypatch):
 
     original = memory_plan.plan_memory
     monkeypatch.setattr(memory_plan, "plan_memory",
-                        lambda *args, **kwargs: dataclasses.replace(original(*args, **kwargs), checkpointed_layers=1))
+                        lambda *args, **kwargs: dataclasses.replace(original(*args, **kwargs), checkpointed_layers=1,
+                                                                    tokens_within_budget=None))
     # checkpointing asked for in the arguments, as the CLI builds them when it plans
     trainer = tiny_lora_trainer(tmp_path, ROWS[:4], num_layers=3, max_steps=1, max_memory=100.0,
                                 config={"gradient_checkpointing": True})
     assert trainer.memory_plan.checkpointed_layers == 1
     assert _attention_calls_in_one_step(trainer) == [2, 1, 1]
+
+
+def test_each_micro_batch_recomputes_as_few_layers_as_its_tokens_need(tmp_path, monkeypatch):
+    from hf_instruct_tune import memory_plan
+
+    reference = tiny_lora_trainer(tmp_path / "plain", ROWS, num_layers=3, max_steps=4, memory_plan=False)
+    tokens_seen = []
+    compute_loss = reference.compute_loss
+    monkeypatch.setattr(reference, "compute_loss", lambda model, inputs, **kwargs: tokens_seen.append(
+        inputs["input_ids"].numel()) or compute_loss(model, inputs, **kwargs))
+    reference.train()
+    assert min(tokens_seen) < max(tokens_seen)
+    threshold = min(tokens_seen)  # the shortest micro-batches fit without recomputing, the others do not
+    original = memory_plan.plan_memory
+
+    def plan(*args, **kwargs):  # without recomputing up to `threshold` tokens fit, with 2 layers any micro-batch
+        return dataclasses.replace(original(*args, **kwargs), checkpointed_layers=2,
+                                   tokens_within_budget=(threshold, threshold, 10_000, 10_000))
+
+    monkeypatch.setattr(memory_plan, "plan_memory", plan)
+    trainer = tiny_lora_trainer(tmp_path / "switched", ROWS, num_layers=3, max_steps=4, max_memory=100.0)
+    calls = [0, 0, 0]
+    for index, layer in enumerate(trainer.model.get_base_model().model.layers):
+        layer.self_attn.register_forward_pre_hook(lambda *_, i=index: calls.__setitem__(i, calls[i] + 1))
+    trainer.train()
+    recomputing = sum(1 for tokens in tokens_seen if tokens > threshold)
+    assert 0 < recomputing < len(tokens_seen)
+    assert trainer.checkpoint_switch.counts == {0: len(tokens_seen) - recomputing, 2: recomputing}
+    assert calls == [len(tokens_seen) + recomputing] * 2 + [len(tokens_seen)]  # layers 1-2 ran again in backward
+    assert_close(torch.tensor(logged_losses(trainer)), torch.tensor(logged_losses(reference)), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("checkpointing", [True, False])
