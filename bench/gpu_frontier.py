@@ -74,7 +74,8 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
                       peak_per_process=results["peak_memory_gib_per_process"], world=training.get("world_size", 1),
                       plan=training.get("memory_plan"), losses=[e["loss"] for e in results["loss_history"]],
                       step_s=results.get("step_seconds"), step_tokens=results.get("step_tokens"),
-                      step_peak_gib=results.get("step_peak_memory_gib"))
+                      step_peak_gib=results.get("step_peak_memory_gib"),
+                      checkpointed_per_micro_batch=results.get("checkpointed_layers_per_micro_batch"))
     print("RESULT " + json.dumps(result), flush=True)
     return result
 
@@ -85,11 +86,13 @@ def _fits(result: dict, budget: float | None) -> bool:
 
 def _short_plan(line: str) -> str:
     """``Memory plan: 16 rows ... = 16 per micro-batch x 1 accumulated ...`` -> ``16 x 1, 32/32 ckpt, fused loss, ...``"""
-    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed( \(compiled\))?; "
+    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed( \(compiled\))?"
+                      r"( at the largest micro-batch, fewer at shorter ones)?; "
                       r"loss: ([^;]+); input embeddings on (\w+); estimated peak ([\d.]+)", line)
     if not match:
         return line
-    micro, accum, ckpt, compiled, loss, where, estimate = match.groups()
+    micro, accum, ckpt, compiled, per_micro_batch, loss, where, estimate = match.groups()
+    ckpt = f"up to {ckpt}" if per_micro_batch else ckpt
     return (f"{micro} x {accum}, ckpt {ckpt}{' (compiled layers)' if compiled else ''}, "
             f"{'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, estimate {estimate} GiB")
 

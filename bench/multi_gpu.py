@@ -123,6 +123,15 @@ def sharded_logits(model_dir: str, adapter: str) -> dict:
     return result
 
 
+def _one_gpu_reference(name: str, by_name: dict) -> dict | None:
+    """The one-GPU run a multi-GPU run is measured against: ``bf16_fsdp_b32`` against ``bf16_1gpu_b32`` where
+    there is one, else against ``bf16_1gpu``."""
+    kind, _, rest = name.partition("_")
+    _, _, suffix = rest.partition("_")
+    return by_name.get(f"{kind}_1gpu_{suffix}") if suffix and f"{kind}_1gpu_{suffix}" in by_name \
+        else by_name.get(f"{kind}_1gpu")
+
+
 def table(results: list[dict], checks: dict | None = None) -> str:
     by_name = {r["variant"]: r for r in results}
     lines = ["| setup | real tok/s per GPU | total real tok/s (sum of ranks) | peak GiB per GPU | scaling efficiency | "
@@ -133,7 +142,7 @@ def table(results: list[dict], checks: dict | None = None) -> str:
             lines.append(f"| {name} | failed: {r['error'][-160:]!r} | | | | |")
             continue
         world = r.get("world", 1) or 1
-        one = by_name.get(name.split("_")[0] + "_1gpu")
+        one = _one_gpu_reference(name, by_name)
         eff = (f"{r['real_tokens_per_s'] / (world * one['real_tokens_per_s']):.0%}"
                if one and "error" not in one and world > 1 else ("100%" if world == 1 else "n/a"))
         peaks = ", ".join(f"{p:.1f}" for p in (r.get("peak_per_process") or []))
