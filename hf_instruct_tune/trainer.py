@@ -76,8 +76,8 @@ class InstructTrainer(SFTTrainer):
             ``max_memory``. The plan is logged in one line and kept as ``trainer.memory_plan``.
         max_memory: the peak memory budget in GiB per process (default: this GPU's free memory).
         gradient_checkpointing: True recomputes every decoder layer, False none; None (default): as many as the
-            memory plan needs (``args.gradient_checkpointing=False`` also means none), or
-            ``args.gradient_checkpointing`` without a plan.
+            memory plan needs, for each micro-batch by its own tokens (``args.gradient_checkpointing=False`` also
+            means none), or ``args.gradient_checkpointing`` without a plan.
         offload_embeddings: keep the frozen input-embedding table in CPU memory (True), on the device
             (False), or as the plan decides (None).
         prefix_sharing: compute the token prefixes that rows of a micro-batch share once
