@@ -114,7 +114,8 @@ class TrainConfig:
     overwrite: bool = field(default=False, metadata=_help("Replace an adapter already in --output-dir."))
     backend: str = field(default="auto", metadata=_help(
         "auto, transformers or unsloth. auto: transformers with the package's packed path, measured faster "
-        "than Unsloth at every memory budget (BENCHMARKS.md); unsloth only when asked.",
+        "than Unsloth's fastest configuration at 12 GiB and more, and at 8 GiB with compiled layers "
+        "(BENCHMARKS.md); unsloth only when asked.",
         choices=("auto", "transformers", "unsloth")))
     load_in_4bit: bool = field(default=False, metadata=_help("Load the frozen base in 4-bit NF4 (bitsandbytes)."))
     gradient_checkpointing: bool | None = field(default=None, metadata=_help(
