@@ -75,7 +75,8 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
                       plan=training.get("memory_plan"), losses=[e["loss"] for e in results["loss_history"]],
                       step_s=results.get("step_seconds"), step_tokens=results.get("step_tokens"),
                       step_peak_gib=results.get("step_peak_memory_gib"),
-                      checkpointed_per_micro_batch=results.get("checkpointed_layers_per_micro_batch"))
+                      checkpointed_per_micro_batch=results.get("checkpointed_layers_per_micro_batch"),
+                      micro_batches_in_parts=results.get("micro_batches_in_parts"))
     print("RESULT " + json.dumps(result), flush=True)
     return result
 
@@ -93,6 +94,7 @@ def _short_plan(line: str) -> str:
         return line
     micro, accum, ckpt, compiled, per_micro_batch, loss, where, estimate = match.groups()
     ckpt = f"up to {ckpt}" if per_micro_batch else ckpt
+    accum = f"{accum} (the longest in parts)" if "runs in parts" in line else accum
     return (f"{micro} x {accum}, ckpt {ckpt}{' (compiled layers)' if compiled else ''}, "
             f"{'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, estimate {estimate} GiB")
 

@@ -5,7 +5,8 @@ fixed by the user; how they are cut into micro-batches is not, and neither is wh
 :func:`plan_memory` picks, from the budget (the GPU's free memory, or ``--max-memory`` GiB):
 
 1. the micro-batch: the most rows per forward pass that fit with every memory saving on (fewer, larger
-   micro-batches are much faster: the per-micro-batch cost of a 4-bit model is mostly fixed);
+   micro-batches are much faster: the per-micro-batch cost of a 4-bit model is mostly fixed); in one process
+   the longest few micro-batches (:data:`SPLIT_SHARE`) may pass the budget, and the trainer runs them in parts;
 2. where the frozen input-embedding table lives: on the GPU when that micro-batch fits so, else in CPU memory;
 3. how many decoder layers recompute their activations in backward: as few as fit, for each micro-batch by its
    own tokens (packed micro-batches of the same rows vary in length; the largest the run should meet sets the
@@ -46,6 +47,9 @@ LOSS_KERNELS = ("plain", "chunked", "cce")
 AUTO_LOSS_KERNELS = ("plain", "fused")
 """The kernels the plan tries, in this order, when none is given: the first that fits, else the last. ``"fused"``
 is Cut Cross-Entropy where it is available, else the chunked loss."""
+SPLIT_SHARE = 0.05
+"""Where the trainer can run a micro-batch in parts, the plan sizes micro-batches so that about this share of
+them is longer than the budget holds and runs in parts (each part is a forward and backward pass of its own)."""
 _COMPILED_LAYER_SHARE = 0.8  # of an eager layer's activations, what a compiled one keeps for backward (0.75 measured)
 
 
@@ -138,6 +142,10 @@ class MemoryPlan:
     a smaller one recomputes fewer (:meth:`layers_to_checkpoint`). None: every micro-batch recomputes
     ``checkpointed_layers`` (checkpointing fixed by the user, or nothing planned)."""
 
+    split_above_tokens: int | None = None
+    """A micro-batch with more tokens runs in parts of at most this many (the most that fit the budget with the
+    most layers recomputed); None: micro-batches run whole."""
+
     def layers_to_checkpoint(self, tokens: int) -> int:
         """The decoder layers a micro-batch of ``tokens`` tokens recomputes: as few as fit the budget."""
         if self.tokens_within_budget is None:
@@ -164,10 +172,12 @@ class MemoryPlan:
             memory = f"estimated peak {self.estimate_gib:.1f} of {self.budget_gib:.1f} GiB ({self.budget_source})"
             if not self.fits:
                 memory += ": does not fit even so, expect an out-of-memory error"
+        split = ""
+        if self.split_above_tokens and (self.micro_batch_tokens or 0) > self.split_above_tokens:
+            split = f" (one over {self.split_above_tokens:,} tokens runs in parts)"
         return (f"Memory plan: {self.rows_per_step} rows per optimizer step = {self.micro_batch} per micro-batch x "
-                f"{self.grad_accum} accumulated x {self.processes} process{'es' if self.processes > 1 else ''}; "
-                f"{checkpointed}; loss: {loss}; input "
-                f"embeddings on {where}; {memory}")
+                f"{self.grad_accum} accumulated x {self.processes} process{'es' if self.processes > 1 else ''}"
+                f"{split}; {checkpointed}; loss: {loss}; input embeddings on {where}; {memory}")
 
 
 @dataclass(frozen=True)
@@ -195,6 +205,7 @@ def plan_memory(
     can_offload_embeddings: bool = True,
     compiled_layers: bool = False,
     optimizer_steps: int = 4,
+    can_split: bool = False,
 ) -> MemoryPlan:
     """Plan one process's share of each optimizer step (``rows_per_process`` rows) within ``budget_gib``.
 
@@ -212,6 +223,9 @@ def plan_memory(
         compiled_layers: the decoder layers will be compiled (they keep less for backward).
         optimizer_steps: the run's optimizer steps: a longer run (or one over more processes) meets a larger
             micro-batch, which the budget must hold too.
+        can_split: the trainer can run a micro-batch in parts (:mod:`~hf_instruct_tune.micro_batch_split`; one
+            process only): the rows per micro-batch then need to hold all but the longest :data:`SPLIT_SHARE` of
+            the micro-batches within the budget, and those run in parts (:attr:`MemoryPlan.split_above_tokens`).
     """
     layers = shape.layers
     kernels = _loss_kernels(fixed)
@@ -228,16 +242,33 @@ def plan_memory(
                           else list(range(layers + 1)))
     most_checkpointed = max(checkpoint_choices)
 
-    largest_micro_batch: dict[int, int] = {}
+    def tokens_cost(tokens: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
+        return estimate_bytes(shape, tokens=tokens, checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
+                              embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, loss_kernel=kernel)
+
+    largest: dict[tuple[int, int], int] = {}
+
+    def largest_tokens(micro: int, runs: int) -> int:
+        """The largest micro-batch of ``micro`` rows in ``runs`` runs' worth (every process's micro-batches)."""
+        if (micro, runs) not in largest:
+            micro_batches = optimizer_steps * (rows_per_process // micro) * processes
+            largest[micro, runs] = micro_batch_tokens(row_lengths, micro, packed, micro_batches, runs=runs)
+        return largest[micro, runs]
+
+    # with splitting, a micro-batch over what fits with every saving on runs in parts: the rows per micro-batch
+    # need only hold all but the longest few micro-batches (SPLIT_SHARE), and the rest of the plan the largest
+    # that is not split
+    leanest_fit = _most_tokens(lambda tokens: tokens_cost(tokens, most_checkpointed, lean_loss, lean_embeddings)
+                               <= budget) if can_split else 0
+
+    def planned_tokens(micro: int) -> int:
+        if not can_split:
+            return largest_tokens(micro, 4)
+        unsplit = micro_batch_quantile(row_lengths, micro, packed, 1 - SPLIT_SHARE)
+        return min(largest_tokens(micro, 4), max(unsplit, leanest_fit))
 
     def cost(micro: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
-        if micro not in largest_micro_batch:
-            # every process must hold its own largest micro-batch: the run meets this many in all
-            micro_batches = optimizer_steps * (rows_per_process // micro) * processes
-            largest_micro_batch[micro] = micro_batch_tokens(row_lengths, micro, packed, micro_batches)
-        return estimate_bytes(shape, tokens=largest_micro_batch[micro],
-                              checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
-                              embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, loss_kernel=kernel)
+        return tokens_cost(planned_tokens(micro), checkpointed, kernel, on_cpu)
 
     divisors = [d for d in range(rows_per_process, 0, -1) if rows_per_process % d == 0]
     micro = next((d for d in divisors if cost(d, most_checkpointed, lean_loss, lean_embeddings) <= budget), 1)
@@ -250,12 +281,14 @@ def plan_memory(
     estimate = cost(micro, checkpointed, kernel, on_cpu)
     within = None
     if len(checkpoint_choices) > 1:  # the plan chooses the checkpointed layers: per micro-batch
-        within = tuple(_most_tokens(lambda tokens, c=count: estimate_bytes(
-            shape, tokens=tokens, checkpointed_layers=c, fused_loss=kernel != "plain", embeddings_on_cpu=on_cpu,
-            compiled_layers=compiled_layers, loss_kernel=kernel) <= budget) for count in range(layers + 1))
+        within = tuple(_most_tokens(lambda tokens, c=count: tokens_cost(tokens, c, kernel, on_cpu) <= budget)
+                       for count in range(layers + 1))
+    split_above = None
+    if can_split:
+        split_above = _most_tokens(lambda tokens: tokens_cost(tokens, most_checkpointed, kernel, on_cpu) <= budget)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
-                      kernel, largest_micro_batch[micro], within)
+                      kernel, largest_tokens(micro, 4), within, split_above or None)
 
 
 def _most_tokens(fits, upper: int = 1 << 24) -> int:
@@ -280,10 +313,11 @@ def _loss_kernels(fixed: Fixed) -> tuple[str, ...]:
     return tuple(dict.fromkeys(fused if k == "fused" else k for k in AUTO_LOSS_KERNELS))
 
 
-def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool, micro_batches: int = 16) -> int:
+def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool, micro_batches: int = 16,
+                       runs: int = 4) -> int:
     """Tokens in the largest micro-batch of ``rows`` rows that a run of ``micro_batches`` micro-batches should meet.
 
-    Padded: ``rows`` x the longest row. Packed: the largest of four runs' worth of micro-batches drawn from
+    Padded: ``rows`` x the longest row. Packed: the largest of ``runs`` runs' worth of micro-batches drawn from
     ``row_lengths`` as a shuffling sampler draws them (seeded, so a plan is reproducible). A budget has to hold for
     the run's largest micro-batch, not its average one, and a longer run meets a larger one.
     """
@@ -292,7 +326,7 @@ def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool, micr
         return rows * max(lengths)
     if rows >= len(lengths):  # more rows than the sample: every row, and the longest again for the rest
         return sum(lengths) + (rows - len(lengths)) * max(lengths)
-    draws = min(4 * max(micro_batches, 1), _MAX_DRAWS)
+    draws = min(runs * max(micro_batches, 1), _MAX_DRAWS)
     rng = random.Random(0)
     largest = 0
     while draws > 0:
@@ -303,6 +337,24 @@ def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool, micr
             if draws == 0:
                 break
     return largest
+
+
+def micro_batch_quantile(row_lengths: Sequence[int], rows: int, packed: bool, share: float,
+                         draws: int = 2_000) -> int:
+    """Tokens that ``share`` of the micro-batches of ``rows`` rows stay within (drawn as a shuffling sampler
+    draws them, seeded). Padded: ``rows`` x each micro-batch's longest row."""
+    lengths = list(row_lengths) or [1]
+    if rows >= len(lengths):
+        return micro_batch_tokens(lengths, rows, packed)
+    rng = random.Random(0)
+    drawn: list[int] = []
+    while len(drawn) < draws:
+        rng.shuffle(lengths)
+        for start in range(0, len(lengths) - rows + 1, rows):
+            group = lengths[start:start + rows]
+            drawn.append(sum(group) if packed else rows * max(group))
+    drawn.sort()
+    return drawn[min(len(drawn) - 1, math.ceil(share * len(drawn)) - 1)]
 
 
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
@@ -422,8 +474,10 @@ def sampled_row_lengths(dataset, sample_rows: int = 10_000) -> list[int]:
 
 def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, max_memory: float | None = None,
                      fixed: Fixed = Fixed(), row_lengths: list[int] | None = None,
-                     compiled_layers: bool = False) -> MemoryPlan:
+                     compiled_layers: bool = False, can_split: bool = False) -> MemoryPlan:
     """The plan for a Trainer about to train ``model`` on ``dataset`` (``input_ids`` rows) with ``args``.
+
+    ``can_split``: the trainer runs a micro-batch over the budget in parts (see :func:`plan_memory`).
 
     The budget is ``max_memory`` GiB when given, else the free memory of this process's GPU, else none.
     ``row_lengths``: :func:`sampled_row_lengths` of ``dataset``, when already counted.
@@ -453,7 +507,7 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
         budget_gib=budget, budget_source=source, fixed=fixed, given_micro_batch=args.per_device_train_batch_size,
         can_offload_embeddings=cuda and not _embeddings_trainable(model, peft_config)
         and not getattr(model.config, "tie_word_embeddings", False), compiled_layers=compiled_layers,
-        optimizer_steps=planned_optimizer_steps(args, len(dataset), world_size()))
+        optimizer_steps=planned_optimizer_steps(args, len(dataset), world_size()), can_split=can_split)
 
 
 def planned_optimizer_steps(args, rows: int, processes: int) -> int:

@@ -25,7 +25,8 @@ from .errors import InputError
 from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
-from .launch import world_size
+from .launch import fsdp_launched, world_size
+from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
                           plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
 from .progress import ReadableProgressCallback
@@ -216,6 +217,7 @@ class InstructTrainer(SFTTrainer):
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
             attn = _attention_of(self.model)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
+        self.micro_batches_in_parts = 0
         self.checkpoint_switch: CheckpointSwitch | None = None
         if self.memory_plan is not None:
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
@@ -259,8 +261,11 @@ class InstructTrainer(SFTTrainer):
                 offload_input_embeddings(model, reserve_tokens=micro_batch_tokens(lengths, micro, self.packing,
                                                                                   micro_batches))
             return None
+        # a shared-prefix batch is not cut into parts; nor is one of several processes, which would then run
+        # different numbers of forward and backward passes, and so of collectives
+        can_split = not self.prefix_sharing and world_size() == 1
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
-                                max_memory=max_memory, fixed=fixed, row_lengths=lengths)
+                                max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split)
         # judged at the eager plan's checkpointed layers: planned for compiled layers, as many or fewer are
         # checkpointed, which only adds to what compiling saves
         self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
@@ -268,12 +273,15 @@ class InstructTrainer(SFTTrainer):
         if self.compilation.compiled:
             plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing,
                                     peft_config=peft_config, max_memory=max_memory, fixed=fixed, row_lengths=lengths,
-                                    compiled_layers=True)
+                                    compiled_layers=True, can_split=can_split)
+        if fsdp_launched():  # every process recomputes the same layers: FSDP's gathers follow the layers run
+            plan = dataclasses.replace(plan, tokens_within_budget=None)
         args.per_device_train_batch_size = plan.micro_batch
         args.gradient_accumulation_steps = plan.grad_accum
         _set_checkpointing_arg(args, False)  # the plan's layers are set after PEFT wraps the model
         if plan.embeddings_on_cpu:
-            offload_input_embeddings(model, reserve_tokens=plan.micro_batch_tokens or 0)
+            offload_input_embeddings(model, reserve_tokens=min(plan.micro_batch_tokens or 0,
+                                                               plan.split_above_tokens or plan.micro_batch_tokens or 0))
         self.fused_loss = plan.fused_loss
         logger.info(plan.describe())
         return plan
@@ -283,8 +291,6 @@ class InstructTrainer(SFTTrainer):
         """``compile_layers`` resolved (see :func:`~hf_instruct_tune.layer_compilation.decide_compilation`), from the
         sampled row ``lengths`` of the training data."""
         import torch
-
-        from .launch import fsdp_launched, world_size
 
         device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
         tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(self.train_data.dataset),
@@ -386,6 +392,26 @@ class InstructTrainer(SFTTrainer):
             yield
         finally:
             setattr(parent, name, identity)
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """``Trainer.training_step``; a micro-batch longer than the memory plan holds runs in parts, each its own
+        forward and backward (:mod:`~hf_instruct_tune.micro_batch_split`). Only where the loss is a sum over
+        the step's supervised tokens divided by their count (``num_items_in_batch``), so the parts add up to
+        the whole."""
+        limit = self.memory_plan.split_above_tokens if self.memory_plan is not None else None
+        if limit and num_items_in_batch is not None and self._loss_sums_over_tokens():
+            parts = split_micro_batch(inputs, limit)
+            if len(parts) > 1:
+                self.micro_batches_in_parts += 1
+                loss = super().training_step(model, parts[0], num_items_in_batch)
+                for part in parts[1:]:
+                    loss = loss + super().training_step(model, part, num_items_in_batch)
+                return loss
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def _loss_sums_over_tokens(self) -> bool:
+        """The loss is normalized by ``num_items_in_batch`` (the fused loss, or a model taking loss kwargs)."""
+        return self._lm_head is not None or bool(getattr(self, "model_accepts_loss_kwargs", False))
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """TRL's loss; with ``fused_loss`` (inside ``train()``), the fused cross-entropy from hidden states."""
@@ -542,6 +568,7 @@ class InstructTrainer(SFTTrainer):
             "step_seconds": self.throughput.step_seconds(),
             "step_tokens": self.throughput.step_tokens(),
             "step_peak_memory_gib": self.throughput.step_peak_gib(),
+            "micro_batches_in_parts": self.micro_batches_in_parts,
             "checkpointed_layers_per_micro_batch": (
                 {str(count): n for count, n in sorted(self.checkpoint_switch.counts.items())}
                 if self.checkpoint_switch is not None else None),

@@ -362,9 +362,9 @@ def test_more_processes_meet_a_larger_micro_batch(monkeypatch):
     calls = []
     original = micro_batch_tokens
 
-    def counting(lengths, rows, packed, micro_batches=16):
+    def counting(lengths, rows, packed, micro_batches=16, runs=4):
         calls.append(micro_batches)
-        return original(lengths, rows, packed, micro_batches)
+        return original(lengths, rows, packed, micro_batches, runs=runs)
 
     monkeypatch.setattr("hf_instruct_tune.memory_plan.micro_batch_tokens", counting)
     for processes in (1, 8):
