@@ -280,8 +280,10 @@ class InstructTrainer(SFTTrainer):
         args.gradient_accumulation_steps = plan.grad_accum
         _set_checkpointing_arg(args, False)  # the plan's layers are set after PEFT wraps the model
         if plan.embeddings_on_cpu:
-            offload_input_embeddings(model, reserve_tokens=min(plan.micro_batch_tokens or 0,
-                                                               plan.split_above_tokens or plan.micro_batch_tokens or 0))
+            reserve = plan.micro_batch_tokens or 0
+            if plan.split_above_tokens:
+                reserve = min(reserve, plan.split_above_tokens)
+            offload_input_embeddings(model, reserve_tokens=reserve)
         self.fused_loss = plan.fused_loss
         logger.info(plan.describe())
         return plan
