@@ -261,11 +261,14 @@ def plan_memory(
     leanest_fit = _most_tokens(lambda tokens: tokens_cost(tokens, most_checkpointed, lean_loss, lean_embeddings)
                                <= budget) if can_split else 0
 
+    unsplit: dict[int, int] = {}
+
     def planned_tokens(micro: int) -> int:
         if not can_split:
             return largest_tokens(micro, 4)
-        unsplit = micro_batch_quantile(row_lengths, micro, packed, 1 - SPLIT_SHARE)
-        return min(largest_tokens(micro, 4), max(unsplit, leanest_fit))
+        if micro not in unsplit:
+            unsplit[micro] = micro_batch_quantile(row_lengths, micro, packed, 1 - SPLIT_SHARE)
+        return min(largest_tokens(micro, 4), max(unsplit[micro], leanest_fit))
 
     def cost(micro: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
         return tokens_cost(planned_tokens(micro), checkpointed, kernel, on_cpu)
