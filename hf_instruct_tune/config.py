@@ -110,6 +110,9 @@ class TrainConfig:
         "trackio, mlflow, ...). TensorBoard writes to <output-dir>/checkpoints/runs."))
     save_steps: int | None = field(default=None, metadata=_help("Write a checkpoint every N steps."))
     save_total_limit: int | None = field(default=2, metadata=_help("Checkpoints to keep."))
+    load_best_model_at_end: bool = field(default=False, metadata=_help(
+        "With --eval-data: evaluate at every checkpoint (every --save-steps, else every epoch) and end with the "
+        "adapter of the lowest evaluation loss, which is the one saved and published."))
     resume: bool = field(default=False, metadata=_help("Continue from the last checkpoint in --output-dir."))
     overwrite: bool = field(default=False, metadata=_help("Replace an adapter already in --output-dir."))
     backend: str = field(default="auto", metadata=_help(
@@ -153,6 +156,9 @@ class TrainConfig:
                 raise InputError(f"`{name}` should be at least 1, got {getattr(self, name)}.", field=name)
         if self.save_steps is not None and self.save_steps < 1:
             raise InputError(f"`save_steps` should be at least 1, got {self.save_steps}.", field="save_steps")
+        if self.load_best_model_at_end and not self.eval_data:
+            raise InputError("`load_best_model_at_end` needs evaluation data to choose the best checkpoint by; give "
+                             "--eval-data", field="load_best_model_at_end")
         if self.max_steps == 0 or self.max_steps < -1:
             raise InputError(f"`max_steps` should be -1 or a positive number, got {self.max_steps}.", field="max_steps")
         if self.lr <= 0:
@@ -171,7 +177,8 @@ class TrainConfig:
 # Options that say where things are or what to do with the result, rather than how to train.
 _NOT_HYPERPARAMETERS = {"data", "model", "output_dir", "formatter", "template", "base_model_id", "dataset_name",
                         "eval_data", "resume", "overwrite", "push_to", "private", "endpoint", "num_processes",
-                        "language", "license", "save_steps", "save_total_limit", "logging_steps", "report_to", "trust_remote_code",
+                        "language", "license", "save_steps", "save_total_limit", "load_best_model_at_end", "logging_steps",
+                        "report_to", "trust_remote_code",
                         "allow_pickle", "memory_plan", "max_memory", "fsdp"}
 
 

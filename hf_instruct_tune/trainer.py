@@ -554,6 +554,9 @@ class InstructTrainer(SFTTrainer):
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
+        best_step = _checkpoint_step(self.state.best_model_checkpoint) if self.args.load_best_model_at_end else None
+        published_eval = next((entry for entry in evals if entry.get("step") == best_step), None) or (
+            evals[-1] if evals else None)  # the evaluation of the adapter that is saved
         summary = next((entry for entry in reversed(self.state.log_history) if "train_runtime" in entry), {})
         metadata.results = {
             "loss_history": history,
@@ -575,7 +578,8 @@ class InstructTrainer(SFTTrainer):
                 {str(count): n for count, n in sorted(self.checkpoint_switch.counts.items())}
                 if self.checkpoint_switch is not None else None),
             "peak_memory_gib_per_process": self.peak_memory_gib,
-            "eval": {k: v for k, v in evals[-1].items() if k.startswith("eval_")} if evals else None,
+            "eval": {k: v for k, v in published_eval.items() if k.startswith("eval_")} if published_eval else None,
+            "best_checkpoint_step": best_step,
         }
         metadata.versions = framework_versions()
         return metadata
@@ -761,6 +765,13 @@ HYPERPARAMETER_FIELDS = (
     "adam_epsilon", "max_grad_norm", "seed", "data_seed", "max_length", "fp16", "bf16", "gradient_checkpointing",
     "label_smoothing_factor", "neftune_noise_alpha", "completion_only_loss", "assistant_only_loss", "loss_type",
 )
+
+
+def _checkpoint_step(folder: str | None) -> int | None:
+    """The step of a ``checkpoint-N`` folder, or None."""
+    name = Path(folder).name if folder else ""
+    number = name.rpartition("-")[2]
+    return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
 
 
 def changed_hyperparameters(args) -> dict[str, Any]:

@@ -276,14 +276,16 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
             warmup_steps=config.warmup_steps, lr_scheduler_type=config.lr_scheduler, weight_decay=config.weight_decay,
             per_device_train_batch_size=config.batch_size, gradient_accumulation_steps=config.grad_accum,
             max_length=config.max_length, seed=config.seed, data_seed=config.seed, logging_steps=config.logging_steps,
-            save_strategy="steps" if config.save_steps else "no", save_steps=config.save_steps or 500,
+            save_strategy=_save_strategy(config), save_steps=config.save_steps or 500,
             save_total_limit=config.save_total_limit, report_to=config.report_to, use_cpu=not cuda, bf16=bf16,
             gradient_checkpointing=(config.gradient_checkpointing is not False) if planned
             else bool(config.gradient_checkpointing) and peft_config is not None,
             gradient_checkpointing_kwargs={"use_reentrant": False},
             ddp_find_unused_parameters=False,  # every LoRA weight gets a gradient: no graph walk per step
             optim=config.optim, packing=packing_wanted(config), per_device_eval_batch_size=config.batch_size,
-            eval_strategy="epoch" if config.eval_data else "no", dataloader_num_workers=0,
+            eval_strategy=_eval_strategy(config), eval_steps=config.save_steps if config.save_steps else None,
+            load_best_model_at_end=config.load_best_model_at_end,
+            metric_for_best_model="eval_loss" if config.load_best_model_at_end else None, dataloader_num_workers=0,
             disable_tqdm=False, save_only_model=False, dataloader_pin_memory=cuda,
         )
     trainer = InstructTrainer(
@@ -305,6 +307,20 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
                                           "memory_plan": trainer.memory_plan.describe() if trainer.memory_plan else None,
                                           "changed": changed_options(config)})
     return trainer
+
+
+def _save_strategy(config: TrainConfig) -> str:
+    """Checkpoints every ``save_steps``; with ``load_best_model_at_end`` and no ``save_steps``, every epoch."""
+    if config.save_steps:
+        return "steps"
+    return "epoch" if config.load_best_model_at_end else "no"
+
+
+def _eval_strategy(config: TrainConfig) -> str:
+    """Evaluation every epoch, or with ``load_best_model_at_end`` at every checkpoint (the Trainer compares them)."""
+    if not config.eval_data:
+        return "no"
+    return _save_strategy(config) if config.load_best_model_at_end else "epoch"
 
 
 def _check_fsdp_saves_an_adapter(trainer) -> None:

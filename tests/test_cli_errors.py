@@ -269,6 +269,12 @@ def test_wrong_flag_type(capsys, tmp_path, tiny_model):
 
 # -- lengths and models ----------------------------------------------------------------------------
 
+def test_best_checkpoint_without_evaluation_data(capsys, tmp_path, tiny_model):
+    data = _jsonl(tmp_path / "d.jsonl", ROWS)
+    _fails(capsys, tmp_path, _train(tiny_model, data, "--load-best-model-at-end"), "field 'load_best_model_at_end'",
+           "--eval-data")
+
+
 def test_max_length_smaller_than_every_prompt(capsys, tmp_path, tiny_model):
     data = _jsonl(tmp_path / "d.jsonl", ROWS)
     _fails(capsys, tmp_path, _train(tiny_model, data, "--max-length", "4"), "d.jsonl", "field 'max_length'",

@@ -194,6 +194,7 @@ def render_card(folder: str | Path, *, repo_id: str | None = None, license: str 
         "logged_losses": len(results.get("loss_history") or []),
         "runtime": f"{runtime:.0f} s" if isinstance(runtime, (int, float)) else None,
         "eval_results": [(k, _round(v)) for k, v in evaluation.items()] if isinstance(evaluation, dict) else [],
+        "best_checkpoint_step": results.get("best_checkpoint_step"),
         "has_plot": has_plot,
         "versions": dict(meta.versions or {}),
         "language": card_data.language,
