@@ -262,8 +262,9 @@ class InstructTrainer(SFTTrainer):
                                                                                   micro_batches))
             return None
         # a shared-prefix batch is not cut into parts; nor is one of several processes, which would then run
-        # different numbers of forward and backward passes, and so of collectives
-        can_split = not self.prefix_sharing and world_size() == 1
+        # different numbers of forward and backward passes, and so of collectives; nor under DeepSpeed, which
+        # counts backward passes as accumulated micro-batches
+        can_split = not self.prefix_sharing and world_size() == 1 and not getattr(args, "deepspeed", None)
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split)
         # judged at the eager plan's checkpointed layers: planned for compiled layers, as many or fewer are
