@@ -22,11 +22,17 @@ STAGING_DIR = ".staging"  # inside CHECKPOINTS_DIR; never resumed from
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
+def checkpoint_step(folder: str | Path | None) -> int | None:
+    """The step of a ``checkpoint-N`` folder, or None for any other name (or none)."""
+    match = _CHECKPOINT.match(Path(folder).name) if folder else None
+    return int(match.group(1)) if match else None
+
+
 def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
     folder = Path(output_dir) / CHECKPOINTS_DIR
     if not folder.is_dir():
         return []
-    return sorted((int(match.group(1)), path) for path in folder.iterdir() if (match := _CHECKPOINT.match(path.name)))
+    return sorted((step, path) for path in folder.iterdir() if (step := checkpoint_step(path)) is not None)
 
 
 def is_complete(checkpoint: Path) -> bool:

@@ -17,6 +17,7 @@ from trl import SFTConfig, SFTTrainer
 
 from .adapter_casts import adapter_inputs_uncast
 from .backends import offload_input_embeddings
+from .checkpoints import checkpoint_step
 from .collator import EOSSafeCollator
 from .prefix_sharing import (BLOCK_MASK_ATTENTIONS, MASK_ATTENTIONS, SharingStats, attention_tokens_for,
                              merged_micro_batches, shared_prefix_loss)
@@ -555,7 +556,7 @@ class InstructTrainer(SFTTrainer):
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]
         evals = [entry for entry in self.state.log_history if "eval_loss" in entry]
-        best_step = _checkpoint_step(self.state.best_model_checkpoint) if self.args.load_best_model_at_end else None
+        best_step = checkpoint_step(self.state.best_model_checkpoint) if self.args.load_best_model_at_end else None
         published_eval = next((entry for entry in evals if entry.get("step") == best_step), None) or (
             evals[-1] if evals else None)  # the evaluation of the adapter that is saved
         summary = next((entry for entry in reversed(self.state.log_history) if "train_runtime" in entry), {})
@@ -766,13 +767,6 @@ HYPERPARAMETER_FIELDS = (
     "adam_epsilon", "max_grad_norm", "seed", "data_seed", "max_length", "fp16", "bf16", "gradient_checkpointing",
     "label_smoothing_factor", "neftune_noise_alpha", "completion_only_loss", "assistant_only_loss", "loss_type",
 )
-
-
-def _checkpoint_step(folder: str | None) -> int | None:
-    """The step of a ``checkpoint-N`` folder, or None."""
-    name = Path(folder).name if folder else ""
-    number = name.rpartition("-")[2]
-    return int(number) if name.startswith("checkpoint-") and number.isdigit() else None
 
 
 def changed_hyperparameters(args) -> dict[str, Any]:
