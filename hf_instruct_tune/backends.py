@@ -16,8 +16,8 @@ Nothing here imports Unsloth, bitsandbytes or peft unless that backend or option
 from __future__ import annotations
 
 import importlib
-import math
 import importlib.util
+import math
 import sys
 import warnings
 from typing import Any

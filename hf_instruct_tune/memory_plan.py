@@ -97,13 +97,17 @@ class ModelShape:
                    trainable_params=trainable_params, quantized_bytes=quantized,
                    adapter_bytes_per_param=8 if quantized else 16)
 
-    def sharded(self, processes: int, gathered_layers: int = 3) -> ModelShape:
+    def sharded(self, processes: int, gathered_layers: int | None = None) -> ModelShape:
         """One process's share under FSDP over ``processes``: the sharded weights and the adapter divided among
         them, plus ``gathered_layers`` decoder layers gathered whole (the one computing and those prefetched:
-        :func:`~hf_instruct_tune.fsdp_prefetch.prefetch_depth`). The 4-bit weights (``quantized_bytes``) are not
-        sharded: every process holds all of them."""
+        :func:`~hf_instruct_tune.fsdp_prefetch.prefetch_depth`; by default one plus the default depth). The 4-bit
+        weights (``quantized_bytes``) are not sharded: every process holds all of them."""
         if processes <= 1:
             return self
+        if gathered_layers is None:
+            from .fsdp_prefetch import DEFAULT_DEPTH
+
+            gathered_layers = 1 + DEFAULT_DEPTH
         sharded_bytes = self.weight_bytes - self.quantized_bytes
         layer_bytes = (sharded_bytes - self.embedding_bytes) / self.layers  # the output head spread over layers
         return dataclasses.replace(
@@ -287,8 +291,9 @@ def plan_memory(
         within = tuple(_most_tokens(lambda tokens, c=count: tokens_cost(tokens, c, kernel, on_cpu) <= budget)
                        for count in range(layers + 1))
     split_above = None
-    if can_split:
-        split_above = _most_tokens(lambda tokens: tokens_cost(tokens, most_checkpointed, kernel, on_cpu) <= budget)
+    if can_split:  # what fits with the most layers recomputed: the per micro-batch limits hold it already
+        split_above = within[most_checkpointed] if within else _most_tokens(
+            lambda tokens: tokens_cost(tokens, most_checkpointed, kernel, on_cpu) <= budget)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
                       kernel, largest_tokens(micro, 4), within, split_above or None)
@@ -330,16 +335,13 @@ def micro_batch_tokens(row_lengths: Sequence[int], rows: int, packed: bool, micr
     if rows >= len(lengths):  # more rows than the sample: every row, and the longest again for the rest
         return sum(lengths) + (rows - len(lengths)) * max(lengths)
     draws = min(runs * max(micro_batches, 1), _MAX_DRAWS)
-    rng = random.Random(0)
     largest = 0
-    while draws > 0:
-        rng.shuffle(lengths)
-        for start in range(0, len(lengths) - rows + 1, rows):
-            largest = max(largest, sum(lengths[start:start + rows]))
-            draws -= 1
-            if draws == 0:
-                break
-    return largest
+    for groups in _sampler_passes(lengths, rows):
+        for group in groups[:draws]:
+            largest = max(largest, sum(group))
+        draws -= len(groups)
+        if draws <= 0:
+            return largest
 
 
 def micro_batch_quantile(row_lengths: Sequence[int], rows: int, packed: bool, share: float,
@@ -349,15 +351,22 @@ def micro_batch_quantile(row_lengths: Sequence[int], rows: int, packed: bool, sh
     lengths = list(row_lengths) or [1]
     if rows >= len(lengths):
         return micro_batch_tokens(lengths, rows, packed)
-    rng = random.Random(0)
     drawn: list[int] = []
-    while len(drawn) < draws:
-        rng.shuffle(lengths)
-        for start in range(0, len(lengths) - rows + 1, rows):
-            group = lengths[start:start + rows]
-            drawn.append(sum(group) if packed else rows * max(group))
+    for groups in _sampler_passes(lengths, rows):
+        drawn.extend(sum(group) if packed else rows * max(group) for group in groups)
+        if len(drawn) >= draws:
+            break
     drawn.sort()
     return drawn[min(len(drawn) - 1, math.ceil(share * len(drawn)) - 1)]
+
+
+def _sampler_passes(lengths: list[int], rows: int):
+    """Passes over ``lengths`` as a shuffling sampler makes them (seeded, endless): each pass the micro-batches of
+    ``rows`` rows it cuts, the rows left over dropped."""
+    rng = random.Random(0)
+    while True:
+        rng.shuffle(lengths)
+        yield [lengths[start:start + rows] for start in range(0, len(lengths) - rows + 1, rows)]
 
 
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
@@ -430,9 +439,9 @@ class CheckpointSwitch:
 
     def set_for(self, inputs: dict) -> int:
         """Set the layers for the micro-batch ``inputs`` (its ``input_ids``); returns how many recompute."""
-        ids = inputs.get("input_ids")
-        tokens = ids.numel() if ids is not None else 0
-        count = self.plan.layers_to_checkpoint(tokens)
+        from .micro_batch_split import micro_batch_tokens_of
+
+        count = self.plan.layers_to_checkpoint(micro_batch_tokens_of(inputs))
         if count > 0 and not self.enabled:
             apply_checkpointing(self.model, count)
             self.enabled = True
