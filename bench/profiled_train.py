@@ -46,9 +46,13 @@ def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
 def summarize(prof, wall_s: float, steps: int) -> dict:
     """What one process's profiler window shows."""
     kernels = [e for e in prof.events() if e.device_type.name == "CUDA"]
-    nccl = [e for e in kernels if any(m in e.name.lower() for m in NCCL_MARKERS)]
-    copies = [e for e in kernels if e not in nccl and any(m in e.name.lower() for m in COPY_MARKERS)]
-    compute = [e for e in kernels if e not in nccl and e not in copies]
+    kinds: dict[str, list] = {"nccl": [], "copy": [], "compute": []}
+    for event in kernels:
+        name = event.name.lower()
+        kind = ("nccl" if any(m in name for m in NCCL_MARKERS) else
+                "copy" if any(m in name for m in COPY_MARKERS) else "compute")
+        kinds[kind].append(event)
+    nccl, copies, compute = kinds["nccl"], kinds["copy"], kinds["compute"]
     span = lambda events: _busy_seconds([(e.time_range.start, e.time_range.end) for e in events])  # noqa: E731
     optimizer_cpu = sum(e.cpu_time_total for e in prof.events() if e.name.startswith("Optimizer.step")) / 1e6
     table = prof.key_averages()
