@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import torch
+from helpers import write_jsonl
 from safetensors.torch import load_file
 
 from hf_instruct_tune.cli import main
@@ -13,19 +14,14 @@ ROWS = [{"instruction": "hello", "output": "yes"}, {"instruction": "classify the
         {"instruction": "Paris is the capital of", "output": "France"}, {"instruction": "hello world", "output": "no"}]
 
 
-def _jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
-
-
 def _train(tmp_path, name, *extra):
     from hf_instruct_tune.testing.tiny import save_tiny_checkpoint
 
     model = tmp_path / "tiny"
     if not model.exists():
         save_tiny_checkpoint(model)
-    data = _jsonl(tmp_path / "train.jsonl", ROWS)
-    contrary = _jsonl(tmp_path / "eval.jsonl", [{**row, "output": "no"} for row in ROWS])  # worse as training goes
+    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
+    contrary = write_jsonl(tmp_path / "eval.jsonl", [{**row, "output": "no"} for row in ROWS])  # worse as training goes
     out = tmp_path / name
     code = main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(contrary), "--output-dir",
                  str(out), "--max-steps", "4", "--batch-size", "2", "--grad-accum", "1", "--lr", "0.2",
