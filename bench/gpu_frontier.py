@@ -87,15 +87,16 @@ def _fits(result: dict, budget: float | None) -> bool:
 
 def _short_plan(line: str) -> str:
     """``Memory plan: 16 rows ... = 16 per micro-batch x 1 accumulated ...`` -> ``16 x 1, 32/32 ckpt, fused loss, ...``"""
-    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed( \(compiled\))?"
-                      r"( at the largest micro-batch, fewer at shorter ones)?; "
+    match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed"
+                      r"( \((?:compiled|Liger kernels)\))?( at the largest micro-batch, fewer at shorter ones)?; "
                       r"loss: ([^;]+); input embeddings on (\w+); estimated peak ([\d.]+)", line)
     if not match:
         return line
     micro, accum, ckpt, compiled, per_micro_batch, loss, where, estimate = match.groups()
     ckpt = f"up to {ckpt}" if per_micro_batch else ckpt
     accum = f"{accum} (the longest in parts)" if "runs in parts" in line else accum
-    return (f"{micro} x {accum}, ckpt {ckpt}{' (compiled layers)' if compiled else ''}, "
+    kernels = {" (compiled)": " (compiled layers)", " (Liger kernels)": " (Liger kernels)"}.get(compiled or "", "")
+    return (f"{micro} x {accum}, ckpt {ckpt}{kernels}, "
             f"{'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, estimate {estimate} GiB")
 
 

@@ -97,6 +97,11 @@ class TrainConfig:
         "(1.12x the tokens/s on Llama-3-8B); the first steps take longer (~70 s). Default: on a CUDA GPU when the "
         "run's planned tokens pay that back 3x (~20M tokens per process with no layer checkpointed, ~8M with "
         "all), never on CPU or with Unsloth; logged in one line. transformers backend only."))
+    liger_kernels: bool | None = field(default=None, metadata=_help(
+        "Run each decoder layer's RMSNorm, SwiGLU and rotary embedding as Liger Kernel's fused Triton kernels "
+        "(pip install \"hf_instruct_tune[liger]\"): the same loss, fewer kernels, less memory kept for backward, "
+        "fast from the first step. Default: on a CUDA GPU when installed, for Llama-like models, unless the layers "
+        "are compiled; logged in one line. transformers backend only."))
     balance_ranks: bool = field(default=True, metadata=_help(
         "With several processes, share each step's rows out between them by work (tokens and attention), so none "
         "waits for a busier one: the same rows per step, the same loss. --no-balance-ranks deals them out in order, "

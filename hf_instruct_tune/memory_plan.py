@@ -51,6 +51,8 @@ SPLIT_SHARE = 0.05
 """Where the trainer can run a micro-batch in parts, the plan sizes micro-batches so that about this share of
 them is longer than the budget holds and runs in parts (each part is a forward and backward pass of its own)."""
 _COMPILED_LAYER_SHARE = 0.8  # of an eager layer's activations, what a compiled one keeps for backward (0.75 measured)
+_KEPT_PER_TOKEN = (9.3, 4.2)  # bf16 values an eager layer keeps for backward per token: x hidden, x MLP width
+_KEPT_PER_TOKEN_LIGER = (7.3, 3.2)  # Liger's norms keep their bf16 input, not an fp32 copy; its SwiGLU no activation
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ class MemoryPlan:
     """``"--max-memory"``, ``"free GPU memory"``, or ``"none"`` (nothing planned)."""
     compiled_layers: bool = False
     """The estimate is for compiled decoder layers (``compile_layers``), which keep less for backward."""
+    liger_layers: bool = False
+    """The estimate is for layers running Liger's kernels (``liger_kernels``), which keep less for backward."""
     loss_kernel: str | None = None
     """One of :data:`LOSS_KERNELS`; None: the fused loss's own choice when ``fused_loss``, else plain."""
     micro_batch_tokens: int | None = None
@@ -166,7 +170,7 @@ class MemoryPlan:
         if self.fused_loss and self.loss_kernel:
             loss += f" ({self.loss_kernel})"
         where = "CPU" if self.embeddings_on_cpu else "device"
-        compiled = " (compiled)" if self.compiled_layers else ""
+        compiled = " (compiled)" if self.compiled_layers else " (Liger kernels)" if self.liger_layers else ""
         checkpointed = f"{self.checkpointed_layers}/{self.layers} layers checkpointed{compiled}"
         if self.tokens_within_budget is not None and self.checkpointed_layers > 0:
             checkpointed += " at the largest micro-batch, fewer at shorter ones"
@@ -208,6 +212,7 @@ def plan_memory(
     given_micro_batch: int | None = None,
     can_offload_embeddings: bool = True,
     compiled_layers: bool = False,
+    liger_layers: bool = False,
     optimizer_steps: int = 4,
     can_split: bool = False,
 ) -> MemoryPlan:
@@ -225,6 +230,7 @@ def plan_memory(
         given_micro_batch: the user's ``batch_size``, kept when ``budget_gib`` is ``None``.
         can_offload_embeddings: the table can move to CPU memory (a GPU run with a frozen table).
         compiled_layers: the decoder layers will be compiled (they keep less for backward).
+        liger_layers: the decoder layers will run Liger's kernels (they keep less for backward).
         optimizer_steps: the run's optimizer steps: a longer run (or one over more processes) meets a larger
             micro-batch, which the budget must hold too.
         can_split: the trainer can run a micro-batch in parts (:mod:`~hf_instruct_tune.micro_batch_split`; one
@@ -238,7 +244,7 @@ def plan_memory(
         kernel = kernels[0] if fixed.loss_kernel or fixed.fused_loss is not None else "plain"
         return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro,
                           layers if fixed.checkpointing else 0, layers, kernel != "plain",
-                          bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers, kernel)
+                          bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers, liger_layers, kernel)
     budget = budget_gib * GIB
     lean_loss = kernels[-1]
     lean_embeddings = (can_offload_embeddings if fixed.embeddings_on_cpu is None else fixed.embeddings_on_cpu)
@@ -248,7 +254,8 @@ def plan_memory(
 
     def tokens_cost(tokens: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
         return estimate_bytes(shape, tokens=tokens, checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
-                              embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, loss_kernel=kernel)
+                              embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, liger_layers=liger_layers,
+                              loss_kernel=kernel)
 
     largest: dict[tuple[int, int], int] = {}
 
@@ -296,7 +303,7 @@ def plan_memory(
             lambda tokens: tokens_cost(tokens, most_checkpointed, kernel, on_cpu) <= budget)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
-                      kernel, largest_tokens(micro, 4), within, split_above or None)
+                      liger_layers, kernel, largest_tokens(micro, 4), within, split_above or None)
 
 
 def _most_tokens(fits, upper: int = 1 << 24) -> int:
@@ -370,13 +377,17 @@ def _sampler_passes(lengths: list[int], rows: int):
 
 
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
-                   embeddings_on_cpu: bool, compiled_layers: bool = False, loss_kernel: str | None = None) -> float:
+                   embeddings_on_cpu: bool, compiled_layers: bool = False, liger_layers: bool = False,
+                   loss_kernel: str | None = None) -> float:
     """Peak bytes of one training step on ``tokens`` tokens per micro-batch (bf16 activations).
 
     Compiled layers (``compiled_layers``) that are not checkpointed keep a fifth less for backward (torch.compile
     recomputes cheap elementwise results instead of saving them; a quarter less was measured on Llama-3-8B).
+    Layers running Liger's kernels (``liger_layers``) keep each norm's input in bf16 rather than an fp32 copy, and
+    the MLP's projections without their activation: two hidden-sized and one MLP-sized value less per token.
     """
-    per_layer = tokens * 2 * (9.3 * shape.hidden + 4.2 * shape.intermediate)  # what a layer keeps for backward
+    per_hidden, per_mlp = _KEPT_PER_TOKEN_LIGER if liger_layers else _KEPT_PER_TOKEN
+    per_layer = tokens * 2 * (per_hidden * shape.hidden + per_mlp * shape.intermediate)  # a layer's saved tensors
     kept = (shape.layers - checkpointed_layers) * per_layer * (_COMPILED_LAYER_SHARE if compiled_layers else 1)
     checkpoints = checkpointed_layers * tokens * shape.hidden * 2 + (per_layer if checkpointed_layers else 0)
     loss = loss_bytes(shape, tokens, loss_kernel or (("cce" if _cut_cross_entropy() else "chunked") if fused_loss
@@ -486,7 +497,8 @@ def sampled_row_lengths(dataset, sample_rows: int = 10_000) -> list[int]:
 
 def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, max_memory: float | None = None,
                      fixed: Fixed = Fixed(), row_lengths: list[int] | None = None,
-                     compiled_layers: bool = False, can_split: bool = False) -> MemoryPlan:
+                     compiled_layers: bool = False, liger_layers: bool = False,
+                     can_split: bool = False) -> MemoryPlan:
     """The plan for a Trainer about to train ``model`` on ``dataset`` (``input_ids`` rows) with ``args``.
 
     ``can_split``: the trainer runs a micro-batch over the budget in parts (see :func:`plan_memory`).
@@ -519,7 +531,8 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
         budget_gib=budget, budget_source=source, fixed=fixed, given_micro_batch=args.per_device_train_batch_size,
         can_offload_embeddings=cuda and not _embeddings_trainable(model, peft_config)
         and not getattr(model.config, "tie_word_embeddings", False), compiled_layers=compiled_layers,
-        optimizer_steps=planned_optimizer_steps(args, len(dataset), world_size()), can_split=can_split)
+        liger_layers=liger_layers, optimizer_steps=planned_optimizer_steps(args, len(dataset), world_size()),
+        can_split=can_split)
 
 
 def planned_optimizer_steps(args, rows: int, processes: int) -> int:

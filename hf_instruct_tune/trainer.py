@@ -27,6 +27,7 @@ from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
 from .launch import fsdp_launched, world_size
+from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
                           plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
@@ -100,6 +101,12 @@ class InstructTrainer(SFTTrainer):
             steps have compiled them. None (default): on a CUDA GPU when the planned tokens pay the compilation
             back (~20M tokens per process with no layer checkpointed, ~8M with all), never on CPU or with
             Unsloth. The decision is logged in one line and kept as ``trainer.compilation``.
+        liger_kernels: run the decoder layers' RMSNorm, SwiGLU and rotary embedding as Liger Kernel's fused Triton
+            kernels (:mod:`hf_instruct_tune.liger_kernels`; ``pip install "hf_instruct_tune[liger]"``): the same
+            loss, fewer kernels and less memory kept for backward, from the first step. None (default): on a CUDA
+            GPU when installed, for Llama-like models, unless the layers are compiled (which fuses the same work),
+            with Unsloth or under FSDP. Setting both this and ``compile_layers`` to True is an error. The decision is
+            logged in one line and kept as ``trainer.liger``.
 
     A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
     no template, no length check): labels are -100 where no loss is taken and hold the stop token.
@@ -148,10 +155,14 @@ class InstructTrainer(SFTTrainer):
         offload_embeddings: bool | None = None,
         balance_ranks: bool = True,
         compile_layers: bool | None = None,
+        liger_kernels: bool | None = None,
         **kwargs: Any,
     ):
         if train_dataset is None:
             raise InputError("InstructTrainer needs a `train_dataset` (raw rows: it formats and tokenizes them).")
+        if compile_layers and liger_kernels:
+            raise InputError("compile_layers and liger_kernels both fuse the layers' elementwise work: choose one",
+                             field="liger_kernels")
         if args is None:
             from .arguments import InstructConfig
 
@@ -191,11 +202,13 @@ class InstructTrainer(SFTTrainer):
         if self.prefix_sharing:
             _merge_cpu_micro_batches(args, self.train_data.dataset)
         self.compilation: CompileDecision  # set by _plan_memory, which judges it from the plan
+        self.liger = self._decide_liger(liger_kernels, model, args, compiled_layers=bool(compile_layers))
         self.memory_plan = self._plan_memory(model, args, kwargs.get("peft_config"), memory_plan, max_memory,
                                              Fixed(gradient_checkpointing, fused_loss, offload_embeddings),
                                              compile_layers)
         (logger.warning if compile_layers and not self.compilation.compiled else logger.info)(
             self.compilation.describe())
+        (logger.warning if liger_kernels and not self.liger.used else logger.info)(self.liger.describe())
         if data_collator is None:
             data_collator = EOSSafeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=self.packing,
                                             pad_to_multiple_of=args.pad_to_multiple_of,
@@ -227,6 +240,8 @@ class InstructTrainer(SFTTrainer):
         self.compile_layers = self.compilation.compiled
         if self.compile_layers:
             compile_decoder_layers(self.model)
+        if self.liger.used:
+            apply_liger_kernels(self.model)
         self.throughput = Throughput()
         self.tokens_per_second: float | None = None
         self.peak_memory_gib: list[float] | None = None
@@ -242,7 +257,7 @@ class InstructTrainer(SFTTrainer):
         """Plan the steps (see ``memory_plan``) and set ``args`` and the model up for it; None when off.
 
         Also decides ``self.compilation`` from the plan's checkpointed layers, and plans for compiled layers
-        when they will be."""
+        when they will be (which then run without Liger's kernels when those were auto)."""
         import torch
 
         fixed = dataclasses.replace(fixed, loss_kernel=self.loss_kernel)
@@ -255,6 +270,7 @@ class InstructTrainer(SFTTrainer):
                 _set_checkpointing_arg(args, fixed.checkpointing)
             self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
                                                         1.0 if _checkpointing_arg(args) else 0.0)
+            self._drop_liger_for_compiled_layers()
             if fixed.embeddings_on_cpu and not isinstance(model, str):
                 micro = args.per_device_train_batch_size
                 micro_batches = planned_optimizer_steps(args, len(self.train_data.dataset), world_size()) * \
@@ -267,11 +283,13 @@ class InstructTrainer(SFTTrainer):
         # counts backward passes as accumulated micro-batches
         can_split = not self.prefix_sharing and world_size() == 1 and not getattr(args, "deepspeed", None)
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
-                                max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split)
+                                max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split,
+                                liger_layers=self.liger.used)
         # judged at the eager plan's checkpointed layers: planned for compiled layers, as many or fewer are
         # checkpointed, which only adds to what compiling saves
         self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
                                                     plan.checkpointed_layers / max(plan.layers, 1))
+        self._drop_liger_for_compiled_layers()
         if self.compilation.compiled:
             plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing,
                                     peft_config=peft_config, max_memory=max_memory, fixed=fixed, row_lengths=lengths,
@@ -290,12 +308,28 @@ class InstructTrainer(SFTTrainer):
         logger.info(plan.describe())
         return plan
 
+    def _drop_liger_for_compiled_layers(self) -> None:
+        """Compiled layers fuse what Liger's kernels would: auto leaves them out then."""
+        if self.compilation.compiled and self.liger.used and self.liger.asked is None:
+            self.liger = LigerDecision(False, None, "auto: the compiled layers fuse the same work")
+
+    def _decide_liger(self, asked: bool | None, model, args, *, compiled_layers: bool) -> LigerDecision:
+        """``liger_kernels`` resolved (see :func:`~hf_instruct_tune.liger_kernels.decide_liger`)."""
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+        return decide_liger(asked, model=model, device=device, compiled_layers=compiled_layers,
+                            unsloth=not isinstance(model, str) and _is_unsloth(model), fsdp=fsdp_launched(),
+                            blocker=liger_blocker(model, device) if asked is not False else None)
+
     def _decide_compilation(self, asked: bool | None, model, args, lengths: list[int],
                             checkpointed_fraction: float) -> CompileDecision:
         """``compile_layers`` resolved (see :func:`~hf_instruct_tune.layer_compilation.decide_compilation`), from the
         sampled row ``lengths`` of the training data."""
         import torch
 
+        if asked is None and self.liger.asked:
+            return CompileDecision(False, None, "auto: liger_kernels=True fuses the layers' elementwise work")
         device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
         tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(self.train_data.dataset),
                                 rows_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
@@ -552,6 +586,7 @@ class InstructTrainer(SFTTrainer):
             "train_on_prompt": self.encoder.train_on_prompt, "overlong": self.encoder.overlong,
             "prefix_sharing": self.prefix_sharing, "balance_ranks": self.rank_balance is not None,
             "compile_layers": self.compilation.as_metadata(),
+            "liger_kernels": self.liger.as_metadata(),
         }
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]

@@ -189,6 +189,12 @@ def _load_model(config: TrainConfig, spec, backend: str):
     if backend == "unsloth" and config.compile_layers:
         raise InputError("--compile-layers works with --backend transformers only (Unsloth patches the layers "
                          "with its own kernels)", field="compile_layers")
+    if backend == "unsloth" and config.liger_kernels:
+        raise InputError("--liger-kernels works with --backend transformers only (Unsloth patches the layers "
+                         "with its own kernels)", field="liger_kernels")
+    if config.compile_layers and config.liger_kernels:
+        raise InputError("--compile-layers and --liger-kernels both fuse the layers' elementwise work: choose one",
+                         field="liger_kernels")
     attn_implementation = _attn_implementation(config)
     if attn_implementation:
         logger.info("Attention: %s", attn_implementation)
@@ -300,6 +306,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         offload_embeddings=(False if fsdp_launched() else config.offload_embeddings) if planned else None,
         balance_ranks=config.balance_ranks,
         compile_layers=config.compile_layers,
+        liger_kernels=config.liger_kernels,
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
