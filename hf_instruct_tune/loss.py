@@ -15,6 +15,7 @@ states and the ``lm_head`` weight:
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 import torch.nn.functional as F
@@ -102,9 +103,40 @@ def normalized_loss(total: torch.Tensor, targets: torch.Tensor, num_items_in_bat
 
 
 def _cce_sum(h, weight, y, softcap):
+    """Cut Cross-Entropy's summed loss of the supervised rows ``h``, ``y``, padded by :func:`padded_to_row_blocks`;
+    the padding rows' known loss taken back out."""
     from cut_cross_entropy import linear_cross_entropy
 
-    return linear_cross_entropy(h, weight, y, ignore_index=IGNORE_INDEX, softcap=softcap, reduction="sum").float()
+    if h.shape[0] == 0:  # nothing supervised: a zero that still backpropagates
+        return h.sum(dtype=torch.float32) * 0.0
+    h, y, padding = padded_to_row_blocks(h, y)
+    total = linear_cross_entropy(h, weight, y, ignore_index=IGNORE_INDEX, softcap=softcap, reduction="sum").float()
+    return total - padding * math.log(weight.shape[0])
+
+
+def padded_row_count(rows: int, hidden: int) -> int:
+    """The rows :func:`padded_to_row_blocks` hands Cut Cross-Entropy for ``rows`` supervised rows of ``hidden``
+    values: the same pattern of multiples of 16 among its kernels' integer arguments for every micro-batch.
+
+    Triton compiles a kernel again for each new pattern of its integer arguments being multiples of 16. Cut
+    Cross-Entropy passes the row count, its forward the count of 128-row lock blocks and its backward the count
+    of row blocks of one lock per 64 hidden values. Left as they come, the first micro-batch of each new pattern
+    compiles the kernels again in the middle of training. Here the rows are a multiple of 16 and neither block
+    count is (unless one always is), for at most a few hundred rows more."""
+    block = -(-hidden // 64)
+    padded = -(-max(rows, 1) // 16) * 16
+    for candidate in range(padded, padded + 16 * 4096, 16):
+        if -(-candidate // 128) % 16 and (block == 1 or -(-candidate // block) % 16):
+            return candidate
+    return padded
+
+
+def padded_to_row_blocks(h: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``h`` [rows, hidden] and its targets ``y`` followed by zero rows with target 0, up to
+    :func:`padded_row_count`; returns them and the number of zero rows. A zero row's logits are all zero: its loss
+    is log(vocabulary), and it adds nothing to the gradient of ``h`` or of the head."""
+    padding = padded_row_count(h.shape[0], h.shape[1]) - h.shape[0]
+    return F.pad(h, (0, 0, 0, padding)), F.pad(y, (0, padding)), padding
 
 
 def _logits_sum(h, weight, bias, y, softcap):

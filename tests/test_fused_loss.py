@@ -186,3 +186,40 @@ def test_loss_kernel_decides_the_fused_loss_and_contradictions_are_refused():
     if not cce_available():
         with pytest.raises(InputError, match="cut_cross_entropy"):
             _loss_kernel("cce", None)
+
+
+# -- Cut Cross-Entropy's rows padded to one pattern of Triton's specializations ----------------------------------
+
+@pytest.mark.parametrize("hidden", [576, 960, 2048, 4096, 5120])
+def test_every_micro_batch_gives_cut_cross_entropy_the_same_pattern_of_multiples_of_16(hidden):
+    from hf_instruct_tune.loss import padded_row_count
+
+    block = -(-hidden // 64)
+    patterns, most_added = set(), 0
+    for rows in range(1, 20_000, 3):
+        padded = padded_row_count(rows, hidden)
+        patterns.add((padded % 16 == 0, -(-padded // 128) % 16 == 0, -(-padded // block) % 16 == 0))
+        most_added = max(most_added, padded - rows)
+    assert patterns == {(True, False, False)}
+    assert most_added < 200
+
+
+def test_zero_rows_add_their_known_loss_and_nothing_to_the_gradients():
+    """What the Cut Cross-Entropy path relies on, computed with plain logits: the padded rows' loss is
+    log(vocabulary) each, and the gradients of the hidden states and of the head are those without them."""
+    import math
+
+    from hf_instruct_tune.loss import _logits_sum, padded_to_row_blocks
+
+    generator = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 64, generator=generator, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(50, 64, generator=generator, dtype=torch.float64, requires_grad=True)
+    y = torch.randint(0, 50, (37,), generator=generator)
+    reference = _logits_sum(h, weight, None, y, None)
+    grads = torch.autograd.grad(reference, (h, weight))
+    padded_h, padded_y, padding = padded_to_row_blocks(h, y)
+    assert padding > 0 and padded_h.shape == (37 + padding, 64) and padded_y.shape == (37 + padding,)
+    loss = _logits_sum(padded_h, weight, None, padded_y, None) - padding * math.log(50)
+    torch.testing.assert_close(loss, reference)
+    for got, want in zip(torch.autograd.grad(loss, (h, weight)), grads):
+        torch.testing.assert_close(got, want)
