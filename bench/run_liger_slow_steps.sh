@@ -3,20 +3,12 @@
 # its slow steps (5-6) and one without expandable segments; Liger kernels against none at 32 GiB, taking turns; the
 # baselines the frontier (run_gpu_frontier_pair.sh) had no time for; compiled layers at 32 GiB and without a limit.
 set -u
-START=$(date +%s); REPO=$PWD
-export SITE_TGZ=$PWD/.gpu-site/site.tgz
-source bench/gpu_env.sh
-M=/tmp/llama3-8b-random; DATA=/tmp/frontier_rows.jsonl; export BENCH_STEPS=16
-[ -f $M/config.json ] || python3 bench/gpu_bench.py make $M 2>&1 | tail -1
-[ -f $DATA ] || python3 bench/gpu_frontier.py data $DATA
-mkdir -p $OUT/w0 $OUT/w1
+TOTAL_S=580 RUN_TIMEOUT=150
+source bench/gpu_run_lists.sh
 (cd /tmp && CUDA_VISIBLE_DEVICES=0 timeout 150 python3 -m pytest -q -p no:cacheprovider --rootdir=$REPO \
   $REPO/tests/test_liger_kernels.py "$REPO/tests/test_backends.py::test_embeddings_in_cpu_memory_reuse_one_pinned_buffer_on_a_gpu" \
   > $OUT/pytest_gpu.txt 2>&1); tail -3 $OUT/pytest_gpu.txt
 echo "setup+tests $(( $(date +%s) - START )) s"
-left() { echo $(( 580 - ($(date +%s) - START) )); }
-cli() { local w=$1; shift; timeout $(( $(left) > 150 ? 150 : $(left) )) python3 bench/gpu_frontier.py cli "$1" $M $DATA $OUT/$w "${@:2}" 2>&1 | grep "^RESULT" | sed 's/^RESULT //' >> $OUT/results.jsonl; }
-base() { timeout $(( $(left) > 150 ? 150 : $(left) )) python3 bench/gpu_bench.py train "$@" 2>&1 | grep "^RESULT" | sed 's/^RESULT //' >> $OUT/results.jsonl; }
 (
   export CUDA_VISIBLE_DEVICES=0
   BENCH_PROFILE_STEPS=5:6 cli w0 profiled_12 --load-in-4bit --max-memory 12
@@ -36,12 +28,7 @@ base() { timeout $(( $(left) > 150 ? 150 : $(left) )) python3 bench/gpu_bench.py
   cli w1 compiled_32 --load-in-4bit --max-memory 32 --compile-layers
 ) &
 wait
-python3 -c "
-import json
-for l in open('$OUT/results.jsonl'):
-    r = json.loads(l); s = r.get('step_s') or []
-    print(r.get('variant') or r.get('config'), round(r.get('real_tokens_per_s') or 0), r.get('peak_alloc_gib'), r.get('error', '')[:150], [round(x, 2) for x in s])
-"
+summarize
 for d in $OUT/w0/profile_*; do python3 bench/profiled_train.py summary $d; done 2>&1 | head -60
 rm -rf $OUT/w0/adapter_* $OUT/w1/adapter_*
 echo "done in $(( $(date +%s) - START )) s"
