@@ -62,8 +62,10 @@ def liger_blocker(model, device: str) -> str | None:
         return None
     config = getattr(_base(model), "config", None)
     model_type = getattr(config, "model_type", None)
-    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
-
+    try:
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError as error:  # installed, but its Triton or transformers is not one it works with
+        return f"it could not be imported ({error})"
     if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
         return f"Liger has no kernels for model type {model_type!r}"
     return None

@@ -54,6 +54,17 @@ def test_explicit_choices_win_but_not_over_what_cannot_run():
         "Liger kernels: off (liger_kernels=True, but its Triton kernels need a CUDA GPU, not cpu)")
 
 
+def test_a_liger_that_cannot_be_imported_blocks_instead_of_failing(monkeypatch):
+    import sys
+
+    import hf_instruct_tune.liger_kernels as liger_kernels
+
+    monkeypatch.setattr(liger_kernels, "liger_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers.monkey_patch", None)  # import raises ImportError
+    reason = liger_kernels.liger_blocker(_llama(), "cuda")
+    assert reason is not None and reason.startswith("it could not be imported")
+
+
 def test_liger_layers_keep_two_hidden_and_one_mlp_sized_values_less_per_token():
     from hf_instruct_tune.memory_plan import estimate_bytes
     from test_memory_plan import LLAMA3_8B_NF4 as shape
