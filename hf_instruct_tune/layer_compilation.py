@@ -43,9 +43,9 @@ def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
     """
     import torch
 
-    from .memory_plan import _decoder_layers
+    from .memory_plan import _decoder_layers, unwrapped_model
 
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped_model(model)
     layers = _decoder_layers(base)
     if layers and not getattr(base, "_require_grads_hooks", None):
         base.enable_input_require_grads()
@@ -143,7 +143,7 @@ def compilation_blocker(model, device: str) -> str | None:
     ``None`` when they can."""
     import torch
 
-    from .memory_plan import _decoder_layers
+    from .memory_plan import _decoder_layers, unwrapped_model
 
     if not torch._dynamo.is_dynamo_supported():
         return "torch.compile is not supported on this Python"
@@ -153,7 +153,7 @@ def compilation_blocker(model, device: str) -> str | None:
         if not has_triton():
             return "torch.compile needs Triton on the GPU, and it is not installed"
     if not isinstance(model, str):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrapped_model(model)
         if not _decoder_layers(base):
             return f"no transformers decoder layers found in {type(base).__name__}"
     return None

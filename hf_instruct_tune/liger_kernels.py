@@ -20,6 +20,9 @@ import importlib.util
 import logging
 from dataclasses import dataclass
 
+from .errors import InputError
+from .memory_plan import unwrapped_model
+
 logger = logging.getLogger(__name__)
 
 AUTO_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3"})
@@ -46,6 +49,15 @@ class LigerDecision:
         return dataclasses.asdict(self)
 
 
+def refuse_both_fusions(compile_layers: bool | None, liger_kernels: bool | None,
+                        names: tuple[str, str] = ("compile_layers", "liger_kernels")) -> None:
+    """Raise :class:`~hf_instruct_tune.errors.InputError` when both were asked for; ``names``: what the user set
+    them as (options or arguments)."""
+    if compile_layers and liger_kernels:
+        raise InputError(f"{names[0]} and {names[1]} both fuse the layers' elementwise work: choose one",
+                         field="liger_kernels")
+
+
 def liger_installed() -> bool:
     """Whether ``liger_kernel`` can be imported."""
     return importlib.util.find_spec("liger_kernel") is not None
@@ -60,7 +72,7 @@ def liger_blocker(model, device: str) -> str | None:
         return 'not installed (pip install "hf_instruct_tune[liger]")'
     if isinstance(model, str):
         return None
-    config = getattr(_base(model), "config", None)
+    config = getattr(unwrapped_model(model), "config", None)
     model_type = getattr(config, "model_type", None)
     try:
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -80,7 +92,7 @@ def decide_liger(asked: bool | None, *, model, device: str, unsloth: bool = Fals
         return LigerDecision(False, asked, f"{'liger_kernels=True, but ' if asked else ''}{blocker}")
     if asked is not None:
         return LigerDecision(asked, asked, f"liger_kernels={asked}")
-    config = getattr(_base(model), "config", None) if not isinstance(model, str) else None
+    config = getattr(unwrapped_model(model), "config", None) if not isinstance(model, str) else None
     model_type = getattr(config, "model_type", None)
     if unsloth:
         reason = "auto: Unsloth patches the layers with its own kernels"
@@ -102,7 +114,7 @@ def apply_liger_kernels(model) -> int:
     and rotary kernels; the model's loss is left as it is. Returns the number of norm and MLP modules patched."""
     from liger_kernel.transformers.monkey_patch import _apply_liger_kernel_to_instance
 
-    base = _base(model)
+    base = unwrapped_model(model)
     before = _liger_modules(base)
     _apply_liger_kernel_to_instance(model=base, rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                     fused_linear_cross_entropy=False)
@@ -120,6 +132,3 @@ def _liger_modules(model) -> int:
             count += 1
     return count
 
-
-def _base(model):
-    return model.get_base_model() if hasattr(model, "get_base_model") else model

@@ -417,7 +417,7 @@ def gpu_budget_gib(device_index: int) -> float:
 
 def apply_checkpointing(model, layers: int) -> None:
     """Recompute the activations of the first ``layers`` decoder layers in backward (non-reentrant), none else."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped_model(model)
     decoder_layers = _decoder_layers(base)
     if layers <= 0:
         for layer in decoder_layers:
@@ -441,7 +441,7 @@ class CheckpointSwitch:
     def __init__(self, model, plan: MemoryPlan):
         self.model = model
         self.plan = plan
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base = unwrapped_model(model)
         self.layers = _decoder_layers(base)
         self.enabled = plan.checkpointed_layers > 0
         self.current = plan.checkpointed_layers
@@ -466,8 +466,13 @@ class CheckpointSwitch:
 
 def checkpointed_layer_count(model) -> int:
     """How many decoder layers of ``model`` recompute their activations in backward."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrapped_model(model)
     return sum(bool(layer.gradient_checkpointing) for layer in _decoder_layers(base))
+
+
+def unwrapped_model(model):
+    """``model`` itself, or the model a PEFT wrapper around it holds."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def _decoder_layers(model) -> list:

@@ -27,7 +27,7 @@ from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
 from .launch import fsdp_launched, world_size
-from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker
+from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker, refuse_both_fusions
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
                           plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
@@ -160,9 +160,7 @@ class InstructTrainer(SFTTrainer):
     ):
         if train_dataset is None:
             raise InputError("InstructTrainer needs a `train_dataset` (raw rows: it formats and tokenizes them).")
-        if compile_layers and liger_kernels:
-            raise InputError("compile_layers and liger_kernels both fuse the layers' elementwise work: choose one",
-                             field="liger_kernels")
+        refuse_both_fusions(compile_layers, liger_kernels)
         if args is None:
             from .arguments import InstructConfig
 
@@ -315,9 +313,7 @@ class InstructTrainer(SFTTrainer):
 
     def _decide_liger(self, asked: bool | None, model, args, *, compiled_layers: bool) -> LigerDecision:
         """``liger_kernels`` resolved (see :func:`~hf_instruct_tune.liger_kernels.decide_liger`)."""
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+        device = _training_device(args)
         return decide_liger(asked, model=model, device=device, compiled_layers=compiled_layers,
                             unsloth=not isinstance(model, str) and _is_unsloth(model), fsdp=fsdp_launched(),
                             blocker=liger_blocker(model, device) if asked is not False else None)
@@ -326,11 +322,9 @@ class InstructTrainer(SFTTrainer):
                             checkpointed_fraction: float) -> CompileDecision:
         """``compile_layers`` resolved (see :func:`~hf_instruct_tune.layer_compilation.decide_compilation`), from the
         sampled row ``lengths`` of the training data."""
-        import torch
-
         if asked is None and self.liger.asked:
             return CompileDecision(False, None, "auto: liger_kernels=True fuses the layers' elementwise work")
-        device = "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+        device = _training_device(args)
         tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(self.train_data.dataset),
                                 rows_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
                                 max_steps=args.max_steps, epochs=args.num_train_epochs, processes=world_size())
@@ -878,6 +872,13 @@ def _prefix_sharing_wanted(asked: bool | None, model) -> bool:
 
 def _attention_of(model) -> str | None:
     return getattr(getattr(model, "config", None), "_attn_implementation", None)
+
+
+def _training_device(args) -> str:
+    """``"cuda"`` where a CUDA GPU is there and ``args.use_cpu`` is not set, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
 
 
 def _is_unsloth(model) -> bool:

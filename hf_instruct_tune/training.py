@@ -17,6 +17,7 @@ from .config import TrainConfig, changed_options
 from .data import DataSource, row_error
 from .errors import InputError, InstructTuneError
 from .formatters import get_formatter
+from .liger_kernels import refuse_both_fusions
 from .models import load_base_model, load_tokenizer, name_base_model, resolve_model
 from .recipe import check_template_name
 
@@ -192,9 +193,7 @@ def _load_model(config: TrainConfig, spec, backend: str):
     if backend == "unsloth" and config.liger_kernels:
         raise InputError("--liger-kernels works with --backend transformers only (Unsloth patches the layers "
                          "with its own kernels)", field="liger_kernels")
-    if config.compile_layers and config.liger_kernels:
-        raise InputError("--compile-layers and --liger-kernels both fuse the layers' elementwise work: choose one",
-                         field="liger_kernels")
+    refuse_both_fusions(config.compile_layers, config.liger_kernels, ("--compile-layers", "--liger-kernels"))
     attn_implementation = _attn_implementation(config)
     if attn_implementation:
         logger.info("Attention: %s", attn_implementation)
