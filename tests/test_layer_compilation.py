@@ -106,6 +106,40 @@ def test_the_trainer_judges_the_run_from_its_planned_tokens(tmp_path, monkeypatc
     assert not asked["unsloth"] and asked["blocker"] is None
 
 
+
+@pytest.mark.parametrize("compiled_accum", [1, 2], ids=["same-split", "more-micro-batches"])
+def test_auto_keeps_eager_layers_when_compiling_would_split_the_steps(tmp_path, monkeypatch, compiled_accum):
+    """Auto compiles only when the plan for compiled layers keeps the eager plan's micro-batches: cut into more,
+    smaller ones, the steps cost more than compiling saves. An explicit ``compile_layers=True`` compiles anyway."""
+    import dataclasses
+
+    import hf_instruct_tune.trainer as trainer_module
+    from hf_instruct_tune.layer_compilation import CompileDecision
+
+    real_plan = trainer_module.plan_for_trainer
+
+    def plan(*args, compiled_layers=False, **kwargs):
+        eager = real_plan(*args, compiled_layers=False, **kwargs)
+        assert eager.grad_accum == 1
+        if not compiled_layers:
+            return eager
+        return dataclasses.replace(eager, micro_batch=eager.micro_batch // compiled_accum, grad_accum=compiled_accum)
+
+    monkeypatch.setattr(trainer_module, "plan_for_trainer", plan)
+    monkeypatch.setattr(trainer_module, "decide_compilation",
+                        lambda asked, **kwargs: CompileDecision(True, asked, "auto: a long run"))
+    auto = tiny_lora_trainer(tmp_path / "auto", ROWS, num_layers=2, max_steps=1, max_memory=100.0)
+    asked = tiny_lora_trainer(tmp_path / "asked", ROWS, num_layers=2, max_steps=1, max_memory=100.0,
+                              compile_layers=True)
+    assert asked.compilation.compiled and asked.args.gradient_accumulation_steps == compiled_accum
+    if compiled_accum == 1:
+        assert auto.compilation.compiled and auto.compilation.reason == "auto: a long run"
+    else:
+        assert not auto.compilation.compiled and auto.compilation.asked is None
+        assert auto.compilation.reason == ("auto: compiled layers would need 2 micro-batches a step within this "
+                                           "budget, eager layers 1")
+        assert auto.args.gradient_accumulation_steps == 1 and auto.args.per_device_train_batch_size == 4
+
 # -- the auto decision, without compiling anything ----------------------------------------------------
 
 def _decide(asked=None, *, device="cuda", tokens=50_000_000, checkpointed=0.0, **kwargs):
