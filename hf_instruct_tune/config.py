@@ -121,8 +121,8 @@ class TrainConfig:
     resume: bool = field(default=False, metadata=_help("Continue from the last checkpoint in --output-dir."))
     overwrite: bool = field(default=False, metadata=_help("Replace an adapter already in --output-dir."))
     backend: str = field(default="auto", metadata=_help(
-        "auto, transformers or unsloth. auto: transformers with the package's packed path, measured faster "
-        "than Unsloth's fastest configuration at 12 GiB and more, and at 8 GiB with compiled layers "
+        "auto, transformers or unsloth. auto: transformers with the package's packed path, measured "
+        "faster than Unsloth's fastest configuration that fits the same memory at every budget from 8 GiB "
         "(BENCHMARKS.md); unsloth only when asked.",
         choices=("auto", "transformers", "unsloth")))
     load_in_4bit: bool = field(default=False, metadata=_help("Load the frozen base in 4-bit NF4 (bitsandbytes)."))
