@@ -6,6 +6,7 @@ There is no distributed layer here. ``accelerate launch`` starts the processes a
 - :data:`FSDP_CONFIG`, the accelerate config ``--fsdp`` writes (:func:`write_accelerate_config`; the same as
   ``examples/accelerate_fsdp.yaml``);
 - :func:`check_plugin`: the FSDP settings ``train`` can save a whole adapter from;
+- :func:`reduce_in_fp32`: accelerate's bf16 policy made to reduce gradients in fp32 and leave outputs uncast;
 - :func:`adapter_state_dict`: the adapter's weights gathered from every process, whole, for process 0 to write;
 - :func:`save_optimizer` / :func:`load_optimizer` / :func:`load_adapter`: what a checkpoint needs for ``--resume``
   besides the adapter, gathered whole for process 0 to write, and loaded back into a sharded model on every process.
@@ -76,6 +77,32 @@ def check_plugin(plugin) -> None:
         raise InputError(f"FSDP saves no adapter with the state dict type {state_dict_type}; set "
                          "`fsdp_state_dict_type: FULL_STATE_DICT` in the accelerate config (see "
                          "examples/accelerate_fsdp.yaml)", field="fsdp_state_dict_type")
+
+
+def reduce_in_fp32(plugin) -> bool:
+    """Keep FSDP2 computing in bf16 (or fp16), but reduce the gradients across processes in fp32 and leave each
+    sharded module's outputs in the dtype they were computed in. Returns whether the policy was changed.
+
+    For ``mixed_precision: bf16`` accelerate builds ``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16,
+    output_dtype=bf16)``: the model's outputs, its loss among them, are cast to bf16 (a logged loss of 12.59375
+    where one GPU logs 12.598588943), and the adapter's gradients are summed across processes in bf16. Only that
+    policy is replaced; one set in the accelerate config or the plugin (any other dtypes) is kept. The adapter's
+    gradients are small, so reducing them in fp32 costs little.
+    """
+    import torch
+
+    policy = getattr(plugin, "mixed_precision_policy", None)
+    if getattr(plugin, "fsdp_version", 1) != 2 or policy is None:
+        return False
+    low = policy.param_dtype
+    if low not in (torch.bfloat16, torch.float16) or policy.reduce_dtype != low or policy.output_dtype != low:
+        return False
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    plugin.mixed_precision_policy = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32,
+                                                         output_dtype=None,
+                                                         cast_forward_inputs=policy.cast_forward_inputs)
+    return True
 
 
 class PartialAdapterError(InstructTuneError):

@@ -628,6 +628,18 @@ class InstructTrainer(SFTTrainer):
 
     # -- saving ------------------------------------------------------------------------------------
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """The Trainer's accelerator; under FSDP2 with bf16 (or fp16) mixed precision, gradients reduced in fp32
+        and the model's outputs (the loss among them) left as computed (:func:`~hf_instruct_tune.fsdp.reduce_in_fp32`)."""
+        super().create_accelerator_and_postprocess()
+        if getattr(self, "is_fsdp_enabled", False):
+            from .fsdp import reduce_in_fp32
+
+            if reduce_in_fp32(self.accelerator.state.fsdp_plugin):
+                logger.info("FSDP mixed precision: parameters in %s, gradients reduced in fp32, outputs uncast",
+                            str(self.accelerator.state.fsdp_plugin.mixed_precision_policy.param_dtype)
+                            .removeprefix("torch."))
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Save the adapter (or model) and tokenizer, the training metadata, the prompt template and the model card.
 

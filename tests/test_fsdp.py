@@ -251,3 +251,66 @@ def test_under_fsdp_the_memory_plan_budgets_for_one_share(monkeypatch):
     share = plan_for_trainer(model, args, data, packed=False, max_memory=1.0).estimate_gib
     weights = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     assert whole - share > 0.5 * weights  # three quarters of the weights are on the other processes
+
+
+def _plugin_as_accelerate_sets_it(mixed_precision: str):
+    """An FSDP2 plugin whose policy accelerate built for ``mixed_precision`` (as its state does on GPUs)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, state_dict_type="FULL_STATE_DICT")
+    plugin.set_mixed_precision(mixed_precision)
+    return plugin
+
+
+def test_bf16_fsdp_reduces_gradients_in_fp32_and_leaves_the_loss_uncast():
+    plugin = _plugin_as_accelerate_sets_it("bf16")
+    policy = plugin.mixed_precision_policy  # accelerate's: everything in bf16, outputs cast
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16,) * 3
+    assert fsdp.reduce_in_fp32(plugin)
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
+    assert policy.cast_forward_inputs
+    assert not fsdp.reduce_in_fp32(plugin)  # already done
+
+
+def test_a_policy_of_the_users_own_is_kept():
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    own = {"param_dtype": torch.bfloat16, "reduce_dtype": torch.bfloat16, "output_dtype": torch.float32}
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=own)
+    kept = plugin.mixed_precision_policy
+    assert not fsdp.reduce_in_fp32(plugin) and plugin.mixed_precision_policy is kept
+    fp32 = _plugin_as_accelerate_sets_it("fp32")
+    assert not fsdp.reduce_in_fp32(fp32) and fp32.mixed_precision_policy.reduce_dtype == torch.float32
+
+
+def test_the_trainer_sets_the_policy_before_the_model_is_sharded(tmp_path, monkeypatch):
+    """``InstructTrainer`` changes accelerate's bf16 policy right after the Trainer builds its accelerator, before
+    ``accelerator.prepare`` shards the model with it; without FSDP it changes nothing."""
+    from accelerate.state import AcceleratorState
+    from transformers import Trainer
+    from trl import SFTConfig
+
+    from hf_instruct_tune import InstructTrainer
+    from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
+
+    plugins = []
+    build = Trainer.create_accelerator_and_postprocess
+
+    def build_then_pretend_fsdp(self):
+        build(self)
+        plugins.append(_plugin_as_accelerate_sets_it("bf16"))
+        self.accelerator.state.fsdp_plugin = plugins[-1]  # a shared state: restored below
+        self.is_fsdp_enabled = len(plugins) == 1
+
+    monkeypatch.setattr(Trainer, "create_accelerator_and_postprocess", build_then_pretend_fsdp)
+    tok = build_tiny_tokenizer()
+    original = AcceleratorState().fsdp_plugin if AcceleratorState._shared_state else None
+    for name in ("fsdp", "plain"):
+        args = SFTConfig(output_dir=str(tmp_path / name), use_cpu=True, bf16=False, report_to=[], max_steps=1)
+        trainer = InstructTrainer(model=build_tiny_model(tok), args=args, processing_class=tok, template="alpaca",
+                                  train_dataset=[{"instruction": "hello", "output": "yes"}] * 4, memory_plan=False)
+        trainer.accelerator.state.fsdp_plugin = original
+    fsdp_policy, plain_policy = (plugin.mixed_precision_policy for plugin in plugins)
+    assert (fsdp_policy.reduce_dtype, fsdp_policy.output_dtype) == (torch.float32, None)
+    assert (plain_policy.reduce_dtype, plain_policy.output_dtype) == (torch.bfloat16, torch.bfloat16)
