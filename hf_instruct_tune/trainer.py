@@ -28,7 +28,6 @@ from .layer_compilation import (CompileDecision, compilation_blocker, compile_de
                                 planned_tokens)
 from .launch import fsdp_launched, world_size
 from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker, refuse_both_fusions
-from .lora_addmm import fuse_lora_output
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
                           plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
@@ -236,9 +235,6 @@ class InstructTrainer(SFTTrainer):
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
             if self.memory_plan.tokens_within_budget is not None:
                 self.checkpoint_switch = CheckpointSwitch(self.model, self.memory_plan)
-        self.lora_addmm_layers = 0 if _is_unsloth(self.model) else fuse_lora_output(self.model)
-        if self.lora_addmm_layers:
-            logger.info("LoRA outputs added in the matmul (addmm) in %d layers", self.lora_addmm_layers)
         self.compile_layers = self.compilation.compiled
         if self.compile_layers:
             compile_decoder_layers(self.model)
@@ -595,7 +591,7 @@ class InstructTrainer(SFTTrainer):
             "train_on_prompt": self.encoder.train_on_prompt, "overlong": self.encoder.overlong,
             "prefix_sharing": self.prefix_sharing, "balance_ranks": self.rank_balance is not None,
             "compile_layers": self.compilation.as_metadata(),
-            "liger_kernels": self.liger.as_metadata(), "lora_addmm_layers": self.lora_addmm_layers,
+            "liger_kernels": self.liger.as_metadata(),
         }
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]
