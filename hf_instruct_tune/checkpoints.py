@@ -2,6 +2,8 @@
 
 A checkpoint is written into ``checkpoints/.staging/checkpoint-N`` and renamed to ``checkpoints/checkpoint-N``
 once every file is on disk, so a ``checkpoint-N`` folder is always complete, wherever the process was killed.
+Every checkpoint holds the run's ``hf_instruct_tune.json``; a folder without it is not a run's, and nothing here
+removes it, whatever its name.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from .errors import InstructTuneError
+from .metadata import METADATA_FILE_NAME
 
 CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"  # inside CHECKPOINTS_DIR; never resumed from
@@ -28,11 +31,35 @@ def checkpoint_step(folder: str | Path | None) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    folder = Path(output_dir) / CHECKPOINTS_DIR
-    if not folder.is_dir():
+def is_run_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` is a checkpoint a run wrote: a ``checkpoint-N`` folder holding the run's metadata."""
+    return checkpoint_step(folder) is not None and (folder / METADATA_FILE_NAME).is_file()
+
+
+def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """The ``(step, folder)`` of the checkpoints a run wrote directly under ``run_dir``, by step."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
         return []
-    return sorted((step, path) for path in folder.iterdir() if (step := checkpoint_step(path)) is not None)
+    return sorted((checkpoint_step(path), path) for path in run_dir.iterdir() if is_run_checkpoint(path))
+
+
+def holds_run_checkpoints(output_dir: str | Path) -> bool:
+    """Whether ``output_dir/checkpoints`` holds a checkpoint a run wrote, or one it was writing."""
+    folder = Path(output_dir) / CHECKPOINTS_DIR
+    return bool(run_checkpoints(folder)) or bool(_staged_entries(folder))
+
+
+def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    return run_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
+
+
+def _staged_entries(run_dir: Path) -> list[Path]:
+    """What the staging folder holds of checkpoints being written (``checkpoint-N``) or replaced (``.old``)."""
+    staging = run_dir / STAGING_DIR
+    if not staging.is_dir():
+        return []
+    return sorted(path for path in staging.iterdir() if checkpoint_step(path.name.removesuffix(".old")) is not None)
 
 
 def is_complete(checkpoint: Path) -> bool:
@@ -52,14 +79,51 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Delete checkpoints that a crash or a full disk left half-written; return what was removed."""
-    removed = [path for _, path in _checkpoints(output_dir) if not is_complete(path)]
-    staging = Path(output_dir) / CHECKPOINTS_DIR / STAGING_DIR
-    if staging.is_dir():
-        removed += sorted(staging.iterdir())
-        shutil.rmtree(staging, ignore_errors=True)
+    run_dir = Path(output_dir) / CHECKPOINTS_DIR
+    removed = [path for _, path in _checkpoints(output_dir) if not is_complete(path)] + _staged_entries(run_dir)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
+    _remove_if_empty(run_dir / STAGING_DIR)
     return removed
+
+
+def remove_run_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Delete the checkpoints a run wrote under ``output_dir/checkpoints`` (complete, staged or being replaced),
+    and the folder if nothing else is left in it; anything else there is the user's and stays."""
+    run_dir = Path(output_dir) / CHECKPOINTS_DIR
+    removed = [path for _, path in run_checkpoints(run_dir)] + _staged_entries(run_dir)
+    for path in removed:
+        shutil.rmtree(path, ignore_errors=True)
+    _remove_if_empty(run_dir / STAGING_DIR)
+    _remove_if_empty(run_dir)
+    return removed
+
+
+def rotate_run_checkpoints(run_dir: str | Path, save_total_limit: int | None, best: str | None = None) -> None:
+    """Delete the oldest of the checkpoints a run wrote in ``run_dir`` until ``save_total_limit`` are left, never
+    the newest nor the ``best`` one (as the Trainer's rotation does, but only among a run's checkpoints). Oldest by
+    modification time, then step."""
+    if not save_total_limit or save_total_limit <= 0:
+        return
+    ordered = [path for _, path in sorted(run_checkpoints(run_dir), key=lambda item: (item[1].stat().st_mtime_ns,
+                                                                                        item[0]))]
+    if len(ordered) <= save_total_limit:
+        return
+    protected = {ordered[-1]} | ({Path(best)} if best else set())
+    remaining = len(ordered)
+    for path in ordered:
+        if remaining <= max(save_total_limit, len(protected)):
+            break
+        if path not in protected:
+            shutil.rmtree(path, ignore_errors=True)
+            remaining -= 1
+
+
+def _remove_if_empty(folder: Path) -> None:
+    try:
+        folder.rmdir()
+    except OSError:  # not there, or not empty
+        pass
 
 
 def _fsync(path: Path) -> None:
@@ -86,10 +150,7 @@ def publish_checkpoint(staged: Path, run_dir: Path) -> Path:
     os.rename(staged, target)
     _fsync(run_dir)
     shutil.rmtree(aside, ignore_errors=True)
-    try:
-        (run_dir / STAGING_DIR).rmdir()
-    except OSError:  # not empty: another rank's files, or a leftover removed on --resume
-        pass
+    _remove_if_empty(run_dir / STAGING_DIR)  # not empty: another rank's files, or a leftover removed on --resume
     return target
 
 

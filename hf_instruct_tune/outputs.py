@@ -81,9 +81,13 @@ def is_run_file(name: str, recorded: list[str] | None) -> bool:
 
 
 def is_previous_run(folder: str | Path) -> bool:
-    """Whether ``folder`` holds what ``train`` writes: an adapter, its metadata or its checkpoints."""
+    """Whether ``folder`` holds what ``train`` writes: an adapter, its metadata, or a ``checkpoints`` folder with a
+    run's checkpoint in it (a ``checkpoints`` folder of other files is the user's)."""
+    from .checkpoints import holds_run_checkpoints
+
     folder = Path(folder)
-    return any((folder / name).exists() for name in ("adapter_config.json", "hf_instruct_tune.json", CHECKPOINTS_DIR))
+    return (any((folder / name).exists() for name in ("adapter_config.json", "hf_instruct_tune.json"))
+            or holds_run_checkpoints(folder))
 
 
 def foreign_entries(folder: str | Path) -> list[str]:

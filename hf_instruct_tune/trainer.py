@@ -709,9 +709,7 @@ class InstructTrainer(SFTTrainer):
 
     def _save_checkpoint(self, model, trial):
         """Write the checkpoint into a staging folder, then rename it into place (see :mod:`.checkpoints`)."""
-        from transformers.trainer_utils import rotate_checkpoints
-
-        from .checkpoints import STAGING_DIR, publish_checkpoint
+        from .checkpoints import STAGING_DIR, publish_checkpoint, rotate_run_checkpoints
 
         run_dir = Path(self._get_output_dir(trial=trial))
         self._checkpoint_root = run_dir / STAGING_DIR
@@ -725,8 +723,7 @@ class InstructTrainer(SFTTrainer):
         self.accelerator.wait_for_everyone()  # every rank's files (RNG states) are in the staged folder
         if self.args.should_save:
             publish_checkpoint(staged, run_dir)
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+            rotate_run_checkpoints(run_dir, self.args.save_total_limit, self.state.best_model_checkpoint)
         self.accelerator.wait_for_everyone()
 
     def _point_best_checkpoint_at(self, run_dir: Path, staged: Path) -> None:

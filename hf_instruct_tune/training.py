@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checkpoints import (CHECKPOINTS_DIR, DiskFullError, SaveOnInterrupt, last_checkpoint,
-                          remove_incomplete_checkpoints)
+                          remove_incomplete_checkpoints, remove_run_checkpoints)
 from .outputs import ADAPTER_FILE, check_output_dir, install_run, untrained_lora
 from .config import TrainConfig, changed_options
 from .data import DataSource, row_error
@@ -99,8 +99,8 @@ def _run_training(config: TrainConfig) -> TrainResult:
         for partial in remove_incomplete_checkpoints(output_dir):
             logger.warning("Removed %s: a checkpoint left half-written by an earlier run", partial)
         logger.info("Resuming from %s", checkpoint)
-    elif config.overwrite and (output_dir / CHECKPOINTS_DIR).is_dir() and trainer.is_world_process_zero():
-        shutil.rmtree(output_dir / CHECKPOINTS_DIR)  # the replaced run's, which --resume must not mistake for ours
+    elif config.overwrite and trainer.is_world_process_zero():
+        remove_run_checkpoints(output_dir)  # the replaced run's, which --resume must not mistake for ours
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException as error:

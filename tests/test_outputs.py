@@ -55,6 +55,44 @@ def test_a_folder_of_the_users_files_is_refused_and_left_alone(tiny_model, tmp_p
     assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]
 
 
+def _plant_users_checkpoints(out: Path) -> None:
+    """A ``checkpoints`` folder holding the user's own files, one of them named like a checkpoint."""
+    (out / "checkpoints" / "checkpoint-100").mkdir(parents=True)
+    (out / "checkpoints" / "checkpoint-100" / "weights.pt").write_text("my weights")
+    (out / "checkpoints" / "notes.txt").write_text("my notes")
+
+
+def _users_checkpoints_intact(out: Path) -> bool:
+    return ((out / "checkpoints" / "checkpoint-100" / "weights.pt").read_text() == "my weights"
+            and (out / "checkpoints" / "notes.txt").read_text() == "my notes")
+
+
+def test_a_checkpoints_folder_of_the_users_is_no_earlier_run(tiny_model, tmp_path, capsys):
+    out = tmp_path / "project"
+    _plant_users_checkpoints(out)
+    (out / "README.md").write_text("my project")
+    assert _train(tiny_model, tmp_path, out) == 2
+    line = _error_line(capsys)
+    assert "holds no earlier run" in line and "checkpoints" in line
+    assert sorted(path.name for path in out.iterdir()) == ["README.md", "checkpoints"]
+    assert _users_checkpoints_intact(out) and (out / "README.md").read_text() == "my project"
+
+
+def test_the_users_files_among_a_runs_checkpoints_outlive_rotation_overwrite_and_resume(tiny_model, tmp_path):
+    out = tmp_path / "adapter"
+    assert _train(tiny_model, tmp_path, out) == 0
+    _plant_users_checkpoints(out)
+    # --overwrite removes the replaced run's checkpoints; three new ones, two kept (save_total_limit)
+    assert _train(tiny_model, tmp_path, out, "--overwrite", "--max-steps", "3") == 0
+    runs = sorted(path.name for path in (out / "checkpoints").iterdir() if path.name != "checkpoint-100")
+    assert runs == ["checkpoint-2", "checkpoint-3", "notes.txt"]
+    assert _users_checkpoints_intact(out)
+    # --resume removes half-written checkpoints, never a folder of the user's that only looks like one
+    assert _train(tiny_model, tmp_path, out, "--resume", "--max-steps", "4") == 0
+    assert json.loads((out / "hf_instruct_tune.json").read_text())["results"]["global_step"] == 4
+    assert _users_checkpoints_intact(out)
+
+
 def test_overwrite_replaces_only_what_a_run_wrote(tiny_model, tmp_path):
     out = tmp_path / "adapter"
     assert _train(tiny_model, tmp_path, out) == 0

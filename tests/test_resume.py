@@ -121,8 +121,9 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, reference, tmp_
     assert not (out / "adapter_config.json").exists(), "the run finished before it was killed"
     kept = last_checkpoint(out)
     assert kept is not None and kept.name in {"checkpoint-4", "checkpoint-8"}
-    # What a kill during a save leaves behind: a folder without its trainer state (written last), and
-    # one whose trainer state was cut short. Neither may be resumed from.
+    # What a kill during an unstaged save would leave behind: a run's folder without its trainer state (written
+    # last), and one whose trainer state was cut short. Neither may be resumed from. A folder of the user's
+    # named like a checkpoint (no run metadata) is neither resumed from nor removed.
     step = int(kept.name.split("-")[1])
     partial = out / CHECKPOINTS_DIR / f"checkpoint-{step + 1}"
     partial.mkdir(exist_ok=True)
@@ -130,12 +131,18 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(setup, reference, tmp_
     torn = out / CHECKPOINTS_DIR / f"checkpoint-{step + 2}"
     torn.mkdir(exist_ok=True)
     (torn / "trainer_state.json").write_text('{"global_step": ')
+    for folder in (partial, torn):
+        (folder / METADATA_FILE_NAME).write_text((kept / METADATA_FILE_NAME).read_text())
+    users = out / CHECKPOINTS_DIR / "checkpoint-99"
+    users.mkdir()
+    (users / "trainer_state.json").write_text('{"global_step": 99}')
     assert last_checkpoint(out) == kept
 
     trained = _record_steps(monkeypatch)
     assert main(_args(setup, out, "--resume")) == 0
     assert trained == list(range(step + 1, 13))
     assert not partial.exists() and not torn.exists()
+    assert (users / "trainer_state.json").read_text() == '{"global_step": 99}'
     _assert_same_run(out, reference)
 
 
