@@ -45,9 +45,14 @@ def run_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
 
 
 def holds_run_checkpoints(output_dir: str | Path) -> bool:
-    """Whether ``output_dir/checkpoints`` holds a checkpoint a run wrote, or one it was writing."""
+    """Whether ``output_dir/checkpoints`` is a run's: it holds a checkpoint a run wrote or was writing, or nothing
+    at all (the Trainer makes the folder when it starts, so a run stopped before its first checkpoint leaves it
+    empty)."""
     folder = Path(output_dir) / CHECKPOINTS_DIR
-    return bool(run_checkpoints(folder)) or bool(_staged_entries(folder))
+    if not folder.is_dir():
+        return False
+    entries = [path for path in folder.iterdir() if not (path.name == STAGING_DIR and not any(path.iterdir()))]
+    return not entries or bool(run_checkpoints(folder)) or bool(_staged_entries(folder))
 
 
 def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:

@@ -78,6 +78,14 @@ def test_a_checkpoints_folder_of_the_users_is_no_earlier_run(tiny_model, tmp_pat
     assert _users_checkpoints_intact(out) and (out / "README.md").read_text() == "my project"
 
 
+def test_a_run_stopped_before_its_first_checkpoint_can_be_run_again(tiny_model, tmp_path):
+    """The Trainer makes ``checkpoints`` when it starts: a run killed before its first checkpoint leaves it empty."""
+    out = tmp_path / "adapter"
+    (out / "checkpoints" / ".staging").mkdir(parents=True)
+    assert _train(tiny_model, tmp_path, out) == 0
+    assert (out / "adapter_model.safetensors").is_file()
+
+
 def test_the_users_files_among_a_runs_checkpoints_outlive_rotation_overwrite_and_resume(tiny_model, tmp_path):
     out = tmp_path / "adapter"
     assert _train(tiny_model, tmp_path, out) == 0
