@@ -110,8 +110,8 @@ def rotate_run_checkpoints(run_dir: str | Path, save_total_limit: int | None, be
     modification time, then step."""
     if not save_total_limit or save_total_limit <= 0:
         return
-    ordered = [path for _, path in sorted(run_checkpoints(run_dir), key=lambda item: (item[1].stat().st_mtime_ns,
-                                                                                        item[0]))]
+    by_age = sorted(run_checkpoints(run_dir), key=lambda item: (item[1].stat().st_mtime_ns, item[0]))
+    ordered = [path for _, path in by_age]
     if len(ordered) <= save_total_limit:
         return
     protected = {ordered[-1]} | ({Path(best)} if best else set())
