@@ -94,9 +94,10 @@ class TrainConfig:
         "given."))
     compile_layers: bool | None = field(default=None, metadata=_help(
         "Compile each decoder layer with torch.compile (regional compilation): the same loss, fewer kernels "
-        "(1.12x the tokens/s on Llama-3-8B); the first steps take longer (~70 s). Default: on a CUDA GPU when the "
-        "run's planned tokens pay that back 3x (~20M tokens per process with no layer checkpointed, ~8M with "
-        "all), never on CPU or with Unsloth; logged in one line. transformers backend only."))
+        "(1.2x the tokens/s on Llama-3-8B); the first steps take longer (~70 s). Default: on a CUDA GPU when the "
+        "run's planned tokens pay that back 3x (~12M tokens per process with no layer checkpointed, ~8M with "
+        "all) and the memory plan keeps its micro-batches, never on CPU or with Unsloth; logged in one line. "
+        "transformers backend only."))
     liger_kernels: bool | None = field(default=None, metadata=_help(
         "Run each decoder layer's RMSNorm, SwiGLU and rotary embedding as Liger Kernel's fused Triton kernels "
         "(pip install \"hf_instruct_tune[liger]\"): the same loss, fewer kernels, less memory kept for backward, "

@@ -10,9 +10,10 @@ floating-point reordering.
 
 By default (``compile_layers=None``, "auto") the layers are compiled on a CUDA GPU when the run is long enough to
 pay the compilation back (:func:`decide_compilation`): on one H200, compiling Llama-3-8B's 32 layers took ~68 s
-and made each token ~10 us faster with no layer checkpointed, ~25 us with every layer checkpointed (the
-recomputed forward is compiled too), so it paid for itself after ~6.5M tokens, or ~2.7M. Auto asks for three
-times that (:data:`PAYBACK_MARGIN`): a smaller model saves less per token for a similar compilation time.
+and made each token ~17 us faster than the eager layers with Liger's kernels with no layer checkpointed, ~25 us
+with every layer checkpointed (the recomputed forward is compiled too), so it paid for itself after ~3.9M tokens,
+or ~2.7M. Auto asks for three times that (:data:`PAYBACK_MARGIN`): a smaller model saves less per token for a
+similar compilation time.
 """
 
 from __future__ import annotations
@@ -25,9 +26,11 @@ logger = logging.getLogger(__name__)
 
 COMPILE_SECONDS = 68.0
 """Wall time of compiling Llama-3-8B's 32 decoder layers (NF4, LoRA) on one H200 (BENCHMARKS.md, "GPU")."""
-SAVED_SECONDS_PER_TOKEN = {"none checkpointed": 0.044 / 4_200, "all checkpointed": 0.126 / 4_943}
-"""Step time compiled layers saved per token there: a step of 4,200 tokens 0.044 s shorter with no layer
-checkpointed (the CLI), one of 4,943 tokens 0.126 s shorter with every layer checkpointed (the profile)."""
+SAVED_SECONDS_PER_TOKEN = {"none checkpointed": (6.576 - 5.480) / 62_984, "all checkpointed": 0.126 / 4_943}
+"""Step time compiled layers saved per token there: with no layer checkpointed, the CLI's steps 2-16 (62,984
+tokens) took 5.480 s compiled against 6.416 and 6.735 s eager with Liger's kernels in the same lease; with every
+layer checkpointed, a step of 4,943 tokens was 0.126 s shorter (the profile). The lease's partly checkpointed plans
+saved ~23 us a token (12 and 32 GiB: 29 and 9 of 32 layers), at or above the interpolation."""
 PAYBACK_MARGIN = 3
 """Auto compiles when the planned tokens pay the measured compilation time back this many times over."""
 
@@ -71,7 +74,7 @@ def is_compiled(layer) -> bool:
 
 def payback_tokens(checkpointed_fraction: float) -> int:
     """Tokens per process from which auto compiles: :data:`PAYBACK_MARGIN` times the measured break-even at
-    this fraction of the layers checkpointed (~19.5M with none, ~8.0M with all), the saving per token
+    this fraction of the layers checkpointed (~11.7M with none, ~8.0M with all), the saving per token
     interpolated between the two measurements."""
     none, every = SAVED_SECONDS_PER_TOKEN["none checkpointed"], SAVED_SECONDS_PER_TOKEN["all checkpointed"]
     fraction = min(max(checkpointed_fraction, 0.0), 1.0)

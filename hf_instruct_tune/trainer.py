@@ -99,7 +99,7 @@ class InstructTrainer(SFTTrainer):
         compile_layers: compile each decoder layer with ``torch.compile`` (regional compilation,
             :mod:`hf_instruct_tune.layer_compilation`): the same loss, fewer kernels per step once the first
             steps have compiled them. None (default): on a CUDA GPU when the planned tokens pay the compilation
-            back (~20M tokens per process with no layer checkpointed, ~8M with all) and the memory plan for
+            back (~12M tokens per process with no layer checkpointed, ~8M with all) and the memory plan for
             compiled layers keeps the eager plan's micro-batches, never on CPU or with Unsloth. The decision is logged in one line and kept as ``trainer.compilation``.
         liger_kernels: run the decoder layers' RMSNorm, SwiGLU and rotary embedding as Liger Kernel's fused Triton
             kernels (:mod:`hf_instruct_tune.liger_kernels`; ``pip install "hf_instruct_tune[liger]"``): the same
