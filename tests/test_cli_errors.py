@@ -398,3 +398,37 @@ def test_train_login_advice_names_no_flag_train_lacks(capsys, tmp_path, tiny_mod
     message = _fails(capsys, tmp_path, _train(tiny_model, data, "--push-to", "alice/x", "--endpoint",
                                               "http://127.0.0.1:9"), "Not logged in", "Run 'hf auth login' or set HF_TOKEN.")
     assert "--token" not in message  # train has no --token (configs and flags never carry tokens)
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    [line] = [line for line in captured.err.splitlines() if line.startswith("error:")]
+    return line
+
+
+def test_generate_never_writes_its_answers_over_the_data(capsys, tmp_path):
+    data = _jsonl(tmp_path / "rows.jsonl", ROWS)
+    before = data.read_bytes()
+    for output in (data, tmp_path / "." / "rows.jsonl"):
+        assert main(["generate", "--adapter", str(tmp_path / "adapter"), "--data", str(data),
+                     "--output", str(output)]) == 2
+        line = _one_error_line(capsys)
+        assert "rows.jsonl" in line and "is the --data file" in line and "output" in line
+    assert data.read_bytes() == before
+
+
+def test_export_never_writes_the_merged_model_over_the_adapter_or_the_base(capsys, tmp_path, tiny_model):
+    from hf_instruct_tune.testing.tiny import build_tiny_tokenizer
+
+    from test_card import make_adapter_dir
+
+    adapter = make_adapter_dir(tmp_path / "adapter")
+    build_tiny_tokenizer().save_pretrained(adapter)
+    files = {path: path.read_bytes() for folder in (adapter, tiny_model) for path in folder.rglob("*") if path.is_file()}
+    for merged, flag in ((adapter, "--adapter"), (tiny_model, "--base")):
+        assert main(["export", "--adapter", str(adapter), "--base", str(tiny_model), "--merged", str(merged),
+                     "--overwrite"]) == 2
+        line = _one_error_line(capsys)
+        assert str(merged) in line and f"is the {flag} folder" in line and "merged" in line
+    assert {path: path.read_bytes() for path in files} == files

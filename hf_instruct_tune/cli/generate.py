@@ -45,6 +45,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("pass either --instruction TEXT or --data FILE --output FILE.jsonl")
     if args.data and not args.output:
         raise InputError("--data needs --output FILE.jsonl", field="output")
+    if args.data and Path(args.output).resolve() == Path(args.data).resolve():
+        raise InputError("is the --data file; writing the answers there would replace your rows, so choose another "
+                         "--output", source=args.output, field="output")
     if args.max_new_tokens < 1:
         raise InputError(f"`--max-new-tokens` should be at least 1, got {args.max_new_tokens}.", field="max_new_tokens")
     if args.instruction is not None and not args.instruction.strip():

@@ -34,6 +34,10 @@ def export_merged(adapter_dir: str | Path, output_dir: str | Path, *, base: str 
     if not base:
         raise InputError("the base model was a local checkpoint, so its Hub id is unknown; pass --base PATH_OR_ID",
                          source=str(adapter_dir))
+    for given, flag in ((adapter_dir, "--adapter"), (Path(base), "--base")):
+        if given.exists() and output_dir.resolve() == given.resolve():
+            raise InputError(f"is the {flag} folder; the merged model would be written over it, so choose another "
+                             "--merged folder", source=str(output_dir), field="merged")
     if output_dir.exists() and any(output_dir.iterdir()) and not overwrite:
         raise InputError("already exists and is not empty; choose another --merged folder or pass --overwrite",
                          source=str(output_dir))
