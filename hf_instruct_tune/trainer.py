@@ -484,8 +484,8 @@ class InstructTrainer(SFTTrainer):
                                    implementation=self._fused_implementation)
         mode = "train" if self.model.training else "eval"
         if mode == "train" and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
-            local = inputs["attention_mask"].sum() if "attention_mask" in inputs else torch.tensor(labels.numel(), device=labels.device)
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+            local = inputs["attention_mask"].sum() if "attention_mask" in inputs else labels.numel()
+            self._total_train_tokens += self._summed_over_processes(local, labels.device)
             self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
         if return_outputs:
             outputs.logits = head(hidden.to(head.weight.dtype)).float()
@@ -506,10 +506,21 @@ class InstructTrainer(SFTTrainer):
             num_processes=scale if num_items_in_batch is not None else 1, stats=self.sharing_stats,
             implementation=self._fused_implementation)
         if self.model.training and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
-            local = inputs["input_ids"].new_tensor(inputs["input_ids"].numel())
-            self._total_train_tokens += self.accelerator.gather_for_metrics(local).sum().item()
+            self._total_train_tokens += self._summed_over_processes(inputs["input_ids"].numel(),
+                                                                    inputs["input_ids"].device)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _summed_over_processes(self, count, device) -> int:
+        """``count`` (an int, or a tensor on ``device``) summed over the processes. An int in one process is
+        returned as it is: reading a GPU tensor back would make the CPU wait for the forward to finish before it
+        queues the backward."""
+        import torch
+
+        if isinstance(count, int) and self.accelerator.num_processes == 1:
+            return count
+        local = count if isinstance(count, torch.Tensor) else torch.tensor(count, device=device)
+        return int(self.accelerator.gather_for_metrics(local).sum().item())
 
     # -- schedule ----------------------------------------------------------------------------------
 

@@ -223,3 +223,36 @@ def test_zero_rows_add_their_known_loss_and_nothing_to_the_gradients():
     torch.testing.assert_close(loss, reference)
     for got, want in zip(torch.autograd.grad(loss, (h, weight)), grads):
         torch.testing.assert_close(got, want)
+
+
+def test_the_trainer_reads_nothing_back_from_the_device_to_count_tokens(tok, tmp_path, monkeypatch):
+    """In one process, the trainer's own code in the fused loss's step (counting the packed micro-batch's tokens
+    for TRL's `num_tokens` metric) reads no value back from the device: on a GPU each such read (`.item()`, the op
+    `_local_scalar_dense`) makes the CPU wait for the queued kernels before it can queue the backward. (The loss
+    itself reads the supervised rows' count, which sizes its tensors.)"""
+    import traceback
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    import hf_instruct_tune.trainer as trainer_module
+
+    readers = []
+
+    class CountReads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket.__name__ == "_local_scalar_dense":
+                # the innermost caller outside torch: the code that asked for the value
+                frame = [frame for frame in traceback.extract_stack()[:-1] if "/torch/" not in frame.filename][-1]
+                readers.append(f"{frame.filename.rsplit('/', 2)[-2]}/{frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}")
+            return func(*args, **(kwargs or {}))
+
+    compute_loss = trainer_module.InstructTrainer.compute_loss
+
+    def counted(self, model, inputs, *args, **kwargs):
+        with CountReads():
+            return compute_loss(self, model, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.InstructTrainer, "compute_loss", counted)
+    trainer, _ = _run(tok, tmp_path, fused=True, packing=True, loss_kernel="chunked")
+    assert trainer.state.global_step == 2 and trainer._total_train_tokens > 0
+    assert readers and not [reader for reader in readers if reader.startswith("hf_instruct_tune/trainer.py")], readers
