@@ -55,10 +55,6 @@ def holds_run_checkpoints(output_dir: str | Path) -> bool:
     return not entries or bool(run_checkpoints(folder)) or bool(_staged_entries(folder))
 
 
-def _checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
-    return run_checkpoints(Path(output_dir) / CHECKPOINTS_DIR)
-
-
 def _staged_entries(run_dir: Path) -> list[Path]:
     """What the staging folder holds of checkpoints being written (``checkpoint-N``) or replaced (``.old``)."""
     staging = run_dir / STAGING_DIR
@@ -78,14 +74,14 @@ def is_complete(checkpoint: Path) -> bool:
 
 def last_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under ``output_dir/checkpoints`` (one with a readable trainer state)."""
-    complete = [path for _, path in _checkpoints(output_dir) if is_complete(path)]
+    complete = [path for _, path in run_checkpoints(Path(output_dir) / CHECKPOINTS_DIR) if is_complete(path)]
     return complete[-1] if complete else None
 
 
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Delete checkpoints that a crash or a full disk left half-written; return what was removed."""
     run_dir = Path(output_dir) / CHECKPOINTS_DIR
-    removed = [path for _, path in _checkpoints(output_dir) if not is_complete(path)] + _staged_entries(run_dir)
+    removed = [path for _, path in run_checkpoints(run_dir) if not is_complete(path)] + _staged_entries(run_dir)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     _remove_if_empty(run_dir / STAGING_DIR)

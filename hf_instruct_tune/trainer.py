@@ -100,7 +100,8 @@ class InstructTrainer(SFTTrainer):
             :mod:`hf_instruct_tune.layer_compilation`): the same loss, fewer kernels per step once the first
             steps have compiled them. None (default): on a CUDA GPU when the planned tokens pay the compilation
             back (~12M tokens per process with no layer checkpointed, ~8M with all) and the memory plan for
-            compiled layers keeps the eager plan's micro-batches, never on CPU or with Unsloth. The decision is logged in one line and kept as ``trainer.compilation``.
+            compiled layers keeps the eager plan's micro-batches, never on CPU or with Unsloth. The decision is
+            logged in one line and kept as ``trainer.compilation``.
         liger_kernels: run the decoder layers' RMSNorm, SwiGLU and rotary embedding as Liger Kernel's fused Triton
             kernels (:mod:`hf_instruct_tune.liger_kernels`; ``pip install "hf_instruct_tune[liger]"``): the same
             loss, fewer kernels and less memory kept for backward, from the first step. None (default): on a CUDA
@@ -287,8 +288,6 @@ class InstructTrainer(SFTTrainer):
         # checkpointed, which only adds to what compiling saves
         self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
                                                     plan.checkpointed_layers / max(plan.layers, 1))
-        eager_liger = self.liger
-        self._drop_liger_for_compiled_layers()
         if self.compilation.compiled:
             compiled_plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing,
                                              peft_config=peft_config, max_memory=max_memory, fixed=fixed,
@@ -300,9 +299,9 @@ class InstructTrainer(SFTTrainer):
                     self.compilation, compiled=False,
                     reason=f"auto: compiled layers would need {compiled_plan.grad_accum} micro-batches a step "
                            f"within this budget, eager layers {plan.grad_accum}")
-                self.liger = eager_liger
             else:
                 plan = compiled_plan
+        self._drop_liger_for_compiled_layers()
         if fsdp_launched():  # every process recomputes the same layers: FSDP's gathers follow the layers run
             plan = dataclasses.replace(plan, tokens_within_budget=None)
         args.per_device_train_batch_size = plan.micro_batch

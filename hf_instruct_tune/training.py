@@ -187,12 +187,10 @@ def _load_model(config: TrainConfig, spec, backend: str):
                          field="loss_kernel")
     if backend == "unsloth" and config.offload_embeddings:
         raise InputError("--offload-embeddings works with --backend transformers only", field="offload_embeddings")
-    if backend == "unsloth" and config.compile_layers:
-        raise InputError("--compile-layers works with --backend transformers only (Unsloth patches the layers "
-                         "with its own kernels)", field="compile_layers")
-    if backend == "unsloth" and config.liger_kernels:
-        raise InputError("--liger-kernels works with --backend transformers only (Unsloth patches the layers "
-                         "with its own kernels)", field="liger_kernels")
+    for field in ("compile_layers", "liger_kernels"):
+        if backend == "unsloth" and getattr(config, field):
+            raise InputError(f"--{field.replace('_', '-')} works with --backend transformers only (Unsloth patches "
+                             "the layers with its own kernels)", field=field)
     refuse_both_fusions(config.compile_layers, config.liger_kernels, ("--compile-layers", "--liger-kernels"))
     attn_implementation = _attn_implementation(config)
     if attn_implementation:
