@@ -19,8 +19,8 @@ from transformers import TrainerCallback
 
 from .errors import InstructTuneError
 from .metadata import METADATA_FILE_NAME
+from .outputs import CHECKPOINTS_DIR
 
-CHECKPOINTS_DIR = "checkpoints"
 STAGING_DIR = ".staging"  # inside CHECKPOINTS_DIR; never resumed from
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
