@@ -86,7 +86,9 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
                       step_s=results.get("step_seconds"), step_tokens=results.get("step_tokens"),
                       step_peak_gib=results.get("step_peak_memory_gib"),
                       checkpointed_per_micro_batch=results.get("checkpointed_layers_per_micro_batch"),
-                      micro_batches_in_parts=results.get("micro_batches_in_parts"))
+                      micro_batches_in_parts=results.get("micro_batches_in_parts"),
+                      fused_lora=(training.get("fused_lora") or {}).get("used"),
+                      compiled_layers=(training.get("compile_layers") or {}).get("compiled"))
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

@@ -19,6 +19,7 @@ import dataclasses
 import importlib.util
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 from .errors import InputError
 from .memory_plan import unwrapped_model
@@ -32,21 +33,28 @@ _SILU = frozenset({"silu", "swish"})
 
 
 @dataclass(frozen=True)
-class LigerDecision:
-    """Whether the decoder layers run Liger's kernels, and why; logged in one line, kept in
-    ``hf_instruct_tune.json``."""
+class LayerKernelDecision:
+    """Whether the layers run a kind of kernels, and why; logged in one line, kept in ``hf_instruct_tune.json``."""
 
     used: bool
     asked: bool | None
-    """``liger_kernels`` as given: ``None`` for auto."""
+    """The option as given: ``None`` for auto."""
     reason: str
+    label: ClassVar[str] = "Layer kernels"
 
     def describe(self) -> str:
         """The one line the trainer logs."""
-        return f"Liger kernels: {'on' if self.used else 'off'} ({self.reason})"
+        return f"{self.label}: {'on' if self.used else 'off'} ({self.reason})"
 
     def as_metadata(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class LigerDecision(LayerKernelDecision):
+    """Whether the decoder layers run Liger's kernels, and why."""
+
+    label: ClassVar[str] = "Liger kernels"
 
 
 def refuse_both_fusions(compile_layers: bool | None, liger_kernels: bool | None,
@@ -54,8 +62,8 @@ def refuse_both_fusions(compile_layers: bool | None, liger_kernels: bool | None,
     """Raise :class:`~hf_instruct_tune.errors.InputError` when both were asked for; ``names``: what the user set
     them as (options or arguments)."""
     if compile_layers and liger_kernels:
-        raise InputError(f"{names[0]} and {names[1]} both fuse the layers' elementwise work: choose one",
-                         field="liger_kernels")
+        raise InputError(f"{names[0]} and {names[1]} both fuse the layers' work: choose one",
+                         field=names[1].lstrip("-").replace("-", "_"))
 
 
 def liger_installed() -> bool:

@@ -27,6 +27,7 @@ from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
 from .launch import fsdp_launched, world_size
+from .fused_lora import apply_fused_lora, decide_fused_lora
 from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker, refuse_both_fusions
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
@@ -108,6 +109,12 @@ class InstructTrainer(SFTTrainer):
             GPU when installed, for Llama-like models, unless the layers are compiled (which fuses the same work),
             with Unsloth or under FSDP. Setting both this and ``compile_layers`` to True is an error. The decision is
             logged in one line and kept as ``trainer.liger``.
+        fused_lora: run each LoRA projection (its frozen base matmul, 4-bit or dense, and the low-rank update) as
+            one autograd node (:mod:`hf_instruct_tune.fused_lora`): the same loss within bf16 rounding, fewer
+            kernel launches. None (default): on a CUDA GPU, unless the layers are compiled, with Unsloth or under
+            FSDP; projections with LoRA dropout, DoRA or a LoRA bias keep PEFT's forward. Setting both this and
+            ``compile_layers`` to True is an error. The decision is logged in one line and kept as
+            ``trainer.fused_lora``.
 
     A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
     no template, no length check): labels are -100 where no loss is taken and hold the stop token.
@@ -157,11 +164,13 @@ class InstructTrainer(SFTTrainer):
         balance_ranks: bool = True,
         compile_layers: bool | None = None,
         liger_kernels: bool | None = None,
+        fused_lora: bool | None = None,
         **kwargs: Any,
     ):
         if train_dataset is None:
             raise InputError("InstructTrainer needs a `train_dataset` (raw rows: it formats and tokenizes them).")
         refuse_both_fusions(compile_layers, liger_kernels)
+        refuse_both_fusions(compile_layers, fused_lora, ("compile_layers", "fused_lora"))
         if args is None:
             from .arguments import InstructConfig
 
@@ -201,6 +210,7 @@ class InstructTrainer(SFTTrainer):
         if self.prefix_sharing:
             _merge_cpu_micro_batches(args, self.train_data.dataset)
         self.compilation: CompileDecision  # set by _plan_memory, which judges it from the plan
+        self._fused_lora_asked = fused_lora
         self.liger = self._decide_liger(liger_kernels, model, args, compiled_layers=bool(compile_layers))
         self.memory_plan = self._plan_memory(model, args, kwargs.get("peft_config"), memory_plan, max_memory,
                                              Fixed(gradient_checkpointing, fused_loss, offload_embeddings),
@@ -208,6 +218,11 @@ class InstructTrainer(SFTTrainer):
         (logger.warning if compile_layers and not self.compilation.compiled else logger.info)(
             self.compilation.describe())
         (logger.warning if liger_kernels and not self.liger.used else logger.info)(self.liger.describe())
+        self.fused_lora = decide_fused_lora(fused_lora, device=_training_device(args),
+                                            compiled_layers=self.compilation.compiled,
+                                            unsloth=not isinstance(model, str) and _is_unsloth(model),
+                                            fsdp=fsdp_launched())
+        (logger.warning if fused_lora and not self.fused_lora.used else logger.info)(self.fused_lora.describe())
         if data_collator is None:
             data_collator = EOSSafeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=self.packing,
                                             pad_to_multiple_of=args.pad_to_multiple_of,
@@ -241,6 +256,8 @@ class InstructTrainer(SFTTrainer):
             compile_decoder_layers(self.model)
         if self.liger.used:
             apply_liger_kernels(self.model)
+        if self.fused_lora.used:
+            apply_fused_lora(self.model)
         self.throughput = Throughput()
         self.tokens_per_second: float | None = None
         self.peak_memory_gib: list[float] | None = None
@@ -334,6 +351,8 @@ class InstructTrainer(SFTTrainer):
         sampled row ``lengths`` of the training data."""
         if asked is None and self.liger.asked:
             return CompileDecision(False, None, "auto: liger_kernels=True fuses the layers' elementwise work")
+        if asked is None and self._fused_lora_asked:
+            return CompileDecision(False, None, "auto: fused_lora=True fuses the LoRA projections")
         device = _training_device(args)
         tokens = planned_tokens(sum(lengths) / max(len(lengths), 1), len(self.train_data.dataset),
                                 rows_per_step=args.per_device_train_batch_size * args.gradient_accumulation_steps,
@@ -602,6 +621,7 @@ class InstructTrainer(SFTTrainer):
             "prefix_sharing": self.prefix_sharing, "balance_ranks": self.rank_balance is not None,
             "compile_layers": self.compilation.as_metadata(),
             "liger_kernels": self.liger.as_metadata(),
+            "fused_lora": self.fused_lora.as_metadata(),
         }
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]

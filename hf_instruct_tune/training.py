@@ -187,11 +187,12 @@ def _load_model(config: TrainConfig, spec, backend: str):
                          field="loss_kernel")
     if backend == "unsloth" and config.offload_embeddings:
         raise InputError("--offload-embeddings works with --backend transformers only", field="offload_embeddings")
-    for field in ("compile_layers", "liger_kernels"):
+    for field in ("compile_layers", "liger_kernels", "fused_lora"):
         if backend == "unsloth" and getattr(config, field):
             raise InputError(f"--{field.replace('_', '-')} works with --backend transformers only (Unsloth patches "
                              "the layers with its own kernels)", field=field)
     refuse_both_fusions(config.compile_layers, config.liger_kernels, ("--compile-layers", "--liger-kernels"))
+    refuse_both_fusions(config.compile_layers, config.fused_lora, ("--compile-layers", "--fused-lora"))
     attn_implementation = _attn_implementation(config)
     if attn_implementation:
         logger.info("Attention: %s", attn_implementation)
@@ -304,6 +305,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         balance_ranks=config.balance_ranks,
         compile_layers=config.compile_layers,
         liger_kernels=config.liger_kernels,
+        fused_lora=config.fused_lora,
     )
     trainer.run_metadata.base_model_source = spec.source
     trainer.run_metadata.training.update({"backend": backend, "load_in_4bit": config.load_in_4bit,
