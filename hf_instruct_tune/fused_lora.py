@@ -74,7 +74,7 @@ def apply_fused_lora(model) -> int:
         module._peft_forward = module.forward
         module.forward = types.MethodType(_fused_forward, module)
         patched += 1
-    logger.info("Fused LoRA projections: %d%s", patched,
+    logger.info("LoRA projections fused: %d%s", patched,
                 "".join(f"; {count} left to PEFT ({reason})" for reason, count in blocked.items()))
     return patched
 
