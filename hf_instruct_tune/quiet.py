@@ -5,6 +5,8 @@ Imports nothing heavy, so the command line can call it before a backend patches 
 
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 
 # (message regex, category, module regex): each names one warning that libraries raise about each other.
@@ -20,7 +22,31 @@ THIRD_PARTY_WARNINGS = [
 ]
 
 
+# (logger, message regex): each names one log record a library writes about an optional part of itself.
+THIRD_PARTY_LOG_RECORDS = [
+    # Liger Kernel tries its CuTe DSL kernels, an optional extra, before the Triton kernels it then runs.
+    ("liger_kernel.backends.registry",
+     r"^Backend impl '[\w.]*\._cutedsl\.[\w.]*' for op '\w+' could not be imported: ImportError"),
+]
+
+
+class _DroppedRecords(logging.Filter):
+    """Drops the records whose message matches ``pattern``."""
+
+    def __init__(self, pattern: str):
+        super().__init__()
+        self.pattern = re.compile(pattern)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.search(record.getMessage())
+
+
 def filter_third_party_warnings() -> None:
-    """Ignore exactly the warnings in :data:`THIRD_PARTY_WARNINGS` (by message, category and module)."""
+    """Ignore exactly the warnings in :data:`THIRD_PARTY_WARNINGS` (by message, category and module) and the log
+    records in :data:`THIRD_PARTY_LOG_RECORDS`."""
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    for name, pattern in THIRD_PARTY_LOG_RECORDS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DroppedRecords) and f.pattern.pattern == pattern for f in logger.filters):
+            logger.addFilter(_DroppedRecords(pattern))

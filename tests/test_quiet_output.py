@@ -140,3 +140,20 @@ def test_a_character_cut_by_the_length_limit_is_dropped_whole():
     text = tokenizer.decode(ids[:cut])
     assert _without_a_cut_character(text) == text[:-1] and "\ufffd" not in _without_a_cut_character(text)
     assert _without_a_cut_character("积极") == "积极"
+
+
+def test_liger_optional_backend_import_failures_are_not_logged(caplog):
+    from hf_instruct_tune.quiet import filter_third_party_warnings
+
+    filter_third_party_warnings()
+    filter_third_party_warnings()  # idempotent: one filter
+    registry = logging.getLogger("liger_kernel.backends.registry")
+    assert len(registry.filters) == 1
+    message = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
+    with caplog.at_level(logging.WARNING, logger="liger_kernel.backends.registry"):
+        registry.warning(message, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError",
+                         "cutedsl backend requires the NVIDIA CUTLASS Python DSL (CuTe DSL).")
+        registry.warning(message, "liger_kernel.ops.backends._triton.rope", "rope", "ImportError", "no triton")
+    assert [record.getMessage() for record in caplog.records] == [
+        "Backend impl 'liger_kernel.ops.backends._triton.rope' for op 'rope' could not be imported: ImportError: "
+        "no triton"]
