@@ -69,3 +69,30 @@ def test_train_then_generate_on_the_embedded_model(tmp_path, spec):
                  "--max-new-tokens", "4"]) == 0
     rows = [json.loads(line) for line in predictions.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 2 and all(row["finish_reason"] in {"eos", "length"} for row in rows)
+
+
+def test_fused_lora_projections_train_the_embedded_model_as_peft_does(tmp_path, spec):
+    import torch
+    from safetensors.torch import load_file
+
+    from hf_instruct_tune.cli import main
+
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": "分类以下文本的情感。", "input": "我很开心。", "output": "积极"},
+                                {"instruction": "分类以下文本的情感。", "input": "我很难过。", "output": "消极"}],
+                               ensure_ascii=False), encoding="utf-8")
+    runs = {}
+    for fused in ("--fused-lora", "--no-fused-lora"):
+        out = tmp_path / fused
+        assert main(["train", "--data", str(data), "--template", "alpaca-zh", "--output-dir", str(out),
+                     "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", fused]) == 0
+        metadata = json.loads((out / "hf_instruct_tune.json").read_text(encoding="utf-8"))
+        runs[fused] = (metadata, load_file(out / "adapter_model.safetensors"))
+    (fused_meta, fused_weights), (peft_meta, peft_weights) = runs["--fused-lora"], runs["--no-fused-lora"]
+    assert fused_meta["training"]["fused_lora"]["used"] and not peft_meta["training"]["fused_lora"]["used"]
+    fused_losses = [entry["loss"] for entry in fused_meta["results"]["loss_history"]]
+    assert fused_losses == pytest.approx([entry["loss"] for entry in peft_meta["results"]["loss_history"]],
+                                         rel=1e-5)
+    assert fused_weights.keys() == peft_weights.keys()
+    for name, weight in fused_weights.items():
+        torch.testing.assert_close(weight, peft_weights[name], rtol=1e-4, atol=1e-6, msg=name)
