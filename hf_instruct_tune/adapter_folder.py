@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .metadata import METADATA_FILE_NAME
 from .outputs import ADAPTER_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -65,7 +66,7 @@ def check_adapter_folder(folder: Path, *, allow_pickle: bool = False) -> None:
             raise InputError(f"the adapter's weights are only a pickle ({pickled[0]}), which can run code when "
                              "loaded; convert it to safetensors, or pass --allow-pickle if you trust its source",
                              source=str(folder))
-    for name in ("hf_instruct_tune.json", "prompt_template.jinja"):
+    for name in (METADATA_FILE_NAME, "prompt_template.jinja"):
         if (folder / name).is_file():
             read_text(folder / name)
     for name in TOKENIZER_FILES:

@@ -12,11 +12,12 @@ import shutil
 from pathlib import Path
 
 from .errors import InputError
+from .metadata import METADATA_FILE_NAME
 
 CHECKPOINTS_DIR = "checkpoints"
 ADAPTER_FILE = "adapter_model.safetensors"
 # What a run writes, for folders written before runs listed their files.
-RUN_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", "hf_instruct_tune.json", "prompt_template.jinja",
+RUN_FILE_PATTERNS = ("adapter_config.json", "adapter_model.safetensors", METADATA_FILE_NAME, "prompt_template.jinja",
                      "README.md", "loss_curve.png", "tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                      "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
                      "vocab.json", "merges.txt", "training_args.bin", CHECKPOINTS_DIR)
@@ -86,7 +87,7 @@ def is_previous_run(folder: str | Path) -> bool:
     from .checkpoints import holds_run_checkpoints
 
     folder = Path(folder)
-    return (any((folder / name).exists() for name in ("adapter_config.json", "hf_instruct_tune.json"))
+    return (any((folder / name).exists() for name in ("adapter_config.json", METADATA_FILE_NAME))
             or holds_run_checkpoints(folder))
 
 

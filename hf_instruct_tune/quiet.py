@@ -27,6 +27,9 @@ THIRD_PARTY_LOG_RECORDS = [
     # Liger Kernel tries its CuTe DSL kernels, an optional extra, before the Triton kernels it then runs.
     ("liger_kernel.backends.registry",
      r"^Backend impl '[\w.]*\._cutedsl\.[\w.]*' for op '\w+' could not be imported: ImportError"),
+    # bitsandbytes, imported on a machine without a GPU, looks online for a CPU 4-bit kernel; the package loads
+    # 4-bit weights on CUDA GPUs only.
+    ("bitsandbytes.backends.cpu.ops", r"^Failed to load CPU gemm_4bit_forward from kernels-community"),
 ]
 
 

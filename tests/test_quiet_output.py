@@ -142,18 +142,25 @@ def test_a_character_cut_by_the_length_limit_is_dropped_whole():
     assert _without_a_cut_character("积极") == "积极"
 
 
-def test_liger_optional_backend_import_failures_are_not_logged(caplog):
+@pytest.mark.parametrize("logger_name, dropped, kept", [
+    ("liger_kernel.backends.registry",
+     ("Backend impl '%s' for op '%s' could not be imported: %s: %s", "liger_kernel.ops.backends._cutedsl.rope", "rope",
+      "ImportError", "cutedsl backend requires the NVIDIA CUTLASS Python DSL (CuTe DSL)."),
+     ("Backend impl '%s' for op '%s' could not be imported: %s: %s", "liger_kernel.ops.backends._triton.rope", "rope",
+      "ImportError", "no triton")),
+    ("bitsandbytes.backends.cpu.ops",
+     ("Failed to load CPU gemm_4bit_forward from kernels-community: %s. Please make sure you already `pip install "
+      "kernels` and the kernels >= 0.11.1", "No module named 'kernels'"),
+     ("Failed to load CPU dequantize: %s", "something else")),
+])
+def test_third_party_records_about_their_optional_parts_are_not_logged(caplog, logger_name, dropped, kept):
     from hf_instruct_tune.quiet import filter_third_party_warnings
 
     filter_third_party_warnings()
     filter_third_party_warnings()  # idempotent: one filter
-    registry = logging.getLogger("liger_kernel.backends.registry")
-    assert len(registry.filters) == 1
-    message = "Backend impl '%s' for op '%s' could not be imported: %s: %s"
-    with caplog.at_level(logging.WARNING, logger="liger_kernel.backends.registry"):
-        registry.warning(message, "liger_kernel.ops.backends._cutedsl.rope", "rope", "ImportError",
-                         "cutedsl backend requires the NVIDIA CUTLASS Python DSL (CuTe DSL).")
-        registry.warning(message, "liger_kernel.ops.backends._triton.rope", "rope", "ImportError", "no triton")
-    assert [record.getMessage() for record in caplog.records] == [
-        "Backend impl 'liger_kernel.ops.backends._triton.rope' for op 'rope' could not be imported: ImportError: "
-        "no triton"]
+    library = logging.getLogger(logger_name)
+    assert len(library.filters) == 1
+    with caplog.at_level(logging.WARNING, logger=logger_name):
+        library.warning(*dropped)
+        library.warning(*kept)
+    assert [record.getMessage() for record in caplog.records] == [kept[0] % kept[1:]]
