@@ -45,7 +45,8 @@ def resolve_backend(name: str) -> str:
 
     ``auto`` is transformers: with the memory plan and the packed, isolated path it was measured faster than
     Unsloth's best configuration that fits the same memory at every budget from 8 GiB (1.3-1.8x with eager layers,
-    2.0-2.3x with compiled layers from 12 GiB; ``BENCHMARKS.md``, "GPU"), and it also runs on several processes. Unsloth runs when asked for by name.
+    2.0-2.3x with compiled layers from 12 GiB; ``BENCHMARKS.md``, "GPU"), and it also runs on several processes.
+    Unsloth runs when asked for by name.
     Raises :class:`InputError` for an unknown name, or for ``unsloth`` where it cannot run.
     """
     if name not in BACKENDS:

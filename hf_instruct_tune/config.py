@@ -106,8 +106,8 @@ class TrainConfig:
     fused_lora: bool | None = field(default=None, metadata=_help(
         "Run each LoRA projection (the frozen base matmul, 4-bit or dense, and the low-rank update) as one "
         "autograd node: the same loss within bf16 rounding, fewer kernel launches. Default: on a CUDA GPU unless "
-        "the layers are compiled; projections with LoRA dropout, DoRA or a LoRA bias keep PEFT's forward; logged "
-        "in one line. transformers backend only."))
+        "the layers are compiled, never with DeepSpeed; projections with LoRA dropout, DoRA or a LoRA bias keep "
+        "PEFT's forward; logged in one line. transformers backend only."))
     balance_ranks: bool = field(default=True, metadata=_help(
         "With several processes, share each step's rows out between them by work (tokens and attention), so none "
         "waits for a busier one: the same rows per step, the same loss. --no-balance-ranks deals them out in order, "

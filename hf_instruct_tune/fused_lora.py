@@ -16,7 +16,9 @@ dropout, DoRA or another variant, a LoRA bias, several active adapters, merged o
 whose dtype is neither autocast's nor the weights' own.
 
 By default (``fused_lora=None``, "auto") the projections are fused on a CUDA GPU, unless the layers are compiled
-(compiling fuses the same work), with Unsloth (its own fused LoRA kernels) or under FSDP (not measured there).
+(compiling fuses the same work) or under FSDP (not measured there); never with Unsloth (its own fused LoRA
+kernels) or DeepSpeed (ZeRO-3 gathers a module's weights when that module's own forward runs, and the fused
+projection does not run ``lora_A``'s, ``lora_B``'s or the base layer's).
 """
 
 from __future__ import annotations
@@ -41,12 +43,13 @@ class FusedLoraDecision(LayerKernelDecision):
 
 
 def decide_fused_lora(asked: bool | None, *, device: str, compiled_layers: bool = False, unsloth: bool = False,
-                      fsdp: bool = False) -> FusedLoraDecision:
-    """As ``asked`` (True or False), or for ``None`` (auto) on a CUDA ``device`` only, never with compiled layers,
-    Unsloth or FSDP. Unsloth wins even over ``asked=True``: it runs its own LoRA kernels."""
-    if unsloth:
-        return FusedLoraDecision(False, asked, f"{'fused_lora=True, but ' if asked else ''}Unsloth runs its own "
-                                               "LoRA kernels")
+                      fsdp: bool = False, deepspeed: bool = False) -> FusedLoraDecision:
+    """As ``asked`` (True or False), or for ``None`` (auto) on a CUDA ``device`` only, never with compiled layers
+    or FSDP. Unsloth and DeepSpeed win even over ``asked=True``."""
+    blocker = ("Unsloth runs its own LoRA kernels" if unsloth else
+               "DeepSpeed gathers each module's weights in that module's own forward" if deepspeed else None)
+    if blocker is not None:
+        return FusedLoraDecision(False, asked, f"{'fused_lora=True, but ' if asked else ''}{blocker}")
     if asked is not None:
         return FusedLoraDecision(asked, asked, f"fused_lora={asked}")
     if device != "cuda":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -111,10 +112,10 @@ class InstructTrainer(SFTTrainer):
             logged in one line and kept as ``trainer.liger``.
         fused_lora: run each LoRA projection (its frozen base matmul, 4-bit or dense, and the low-rank update) as
             one autograd node (:mod:`hf_instruct_tune.fused_lora`): the same loss within bf16 rounding, fewer
-            kernel launches. None (default): on a CUDA GPU, unless the layers are compiled, with Unsloth or under
-            FSDP; projections with LoRA dropout, DoRA or a LoRA bias keep PEFT's forward. Setting both this and
-            ``compile_layers`` to True is an error. The decision is logged in one line and kept as
-            ``trainer.fused_lora``.
+            kernel launches. None (default): on a CUDA GPU, unless the layers are compiled or under FSDP; never
+            with Unsloth or DeepSpeed; projections with LoRA dropout, DoRA or a LoRA bias keep PEFT's forward.
+            Setting both this and ``compile_layers`` to True is an error. The decision is logged in one line and
+            kept as ``trainer.fused_lora``.
 
     A ``datasets.Dataset`` that already has ``input_ids`` and ``labels`` columns is used as-is (no formatting,
     no template, no length check): labels are -100 where no loss is taken and hold the stop token.
@@ -221,7 +222,7 @@ class InstructTrainer(SFTTrainer):
         self.fused_lora = decide_fused_lora(fused_lora, device=_training_device(args),
                                             compiled_layers=self.compilation.compiled,
                                             unsloth=not isinstance(model, str) and _is_unsloth(model),
-                                            fsdp=fsdp_launched())
+                                            fsdp=fsdp_launched(), deepspeed=_deepspeed_wanted(args))
         (logger.warning if fused_lora and not self.fused_lora.used else logger.info)(self.fused_lora.describe())
         if data_collator is None:
             data_collator = EOSSafeCollator(pad_token_id=tokenizer.pad_token_id, padding_free=self.packing,
@@ -297,7 +298,7 @@ class InstructTrainer(SFTTrainer):
         # a shared-prefix batch is not cut into parts; nor is one of several processes, which would then run
         # different numbers of forward and backward passes, and so of collectives; nor under DeepSpeed, which
         # counts backward passes as accumulated micro-batches
-        can_split = not self.prefix_sharing and world_size() == 1 and not getattr(args, "deepspeed", None)
+        can_split = not self.prefix_sharing and world_size() == 1 and not _deepspeed_wanted(args)
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split,
                                 liger_layers=self.liger.used)
@@ -929,6 +930,12 @@ def _training_device(args) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() and not args.use_cpu else "cpu"
+
+
+def _deepspeed_wanted(args) -> bool:
+    """Whether the run trains under DeepSpeed (a config in ``args``, or ``accelerate launch`` with DeepSpeed)."""
+    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in {
+        "1", "true"}
 
 
 def _is_unsloth(model) -> bool:

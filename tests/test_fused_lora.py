@@ -169,6 +169,20 @@ def test_auto_fuses_on_cuda_only_and_never_with_compiled_layers_unsloth_or_fsdp(
     refused = decide_fused_lora(True, device="cuda", unsloth=True)
     assert not refused.used and refused.describe() == (
         "Fused LoRA projections: off (fused_lora=True, but Unsloth runs its own LoRA kernels)")
+    assert not decide_fused_lora(None, device="cuda", deepspeed=True).used
+    assert not decide_fused_lora(True, device="cuda", deepspeed=True).used
+
+
+def test_deepspeed_is_seen_in_the_arguments_or_from_accelerate_launch(monkeypatch):
+    from types import SimpleNamespace
+
+    from hf_instruct_tune.trainer import _deepspeed_wanted
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert not _deepspeed_wanted(SimpleNamespace(deepspeed=None))
+    assert _deepspeed_wanted(SimpleNamespace(deepspeed="ds_zero3.json"))
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    assert _deepspeed_wanted(SimpleNamespace(deepspeed=None))
 
 
 def test_the_trainer_trains_alike_fused_and_records_it(tmp_path):
