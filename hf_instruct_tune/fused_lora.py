@@ -2,8 +2,8 @@
 
 PEFT runs a LoRA projection as a chain of modules: the base layer (for a 4-bit base, bitsandbytes' own autograd
 function), a copy of its output, ``lora_A``, ``lora_B``, a scale and an add, each a Python call and an autograd
-node, and the adapter's fp32 weights cast to bf16 by autocast in their own nodes. On a GPU the eager layers wait
-for the CPU to launch all of that (:mod:`.layer_compilation` says how long). :func:`apply_fused_lora` runs each
+node, and the adapter's fp32 weights cast to bf16 by autocast in their own nodes; on a GPU the eager layers wait
+for the CPU to launch their kernels (``BENCHMARKS.md``, "GPU"). :func:`apply_fused_lora` runs each
 eligible projection as one :class:`torch.autograd.Function` instead:
 
 * forward: ``out = x W^T + scaling * (x A^T) B^T``, the sum and the scale done by the second matmul (``addmm``);
@@ -53,7 +53,7 @@ def decide_fused_lora(asked: bool | None, *, device: str, compiled_layers: bool 
     if asked is not None:
         return FusedLoraDecision(asked, asked, f"fused_lora={asked}")
     if device != "cuda":
-        reason = f"auto: not on {device}, where the matmuls, not their launches, take the time"
+        reason = f"auto: on CUDA GPUs only, not {device}"
     elif compiled_layers:
         reason = "auto: the compiled layers fuse the same work"
     elif fsdp:
