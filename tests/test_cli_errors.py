@@ -275,10 +275,11 @@ def test_best_checkpoint_without_evaluation_data(capsys, tmp_path, tiny_model):
            "--eval-data")
 
 
-def test_compiled_layers_and_liger_kernels_together(capsys, tmp_path, tiny_model):
+@pytest.mark.parametrize("fusion", ["--liger-kernels", "--fused-lora"])
+def test_compiled_layers_and_another_fusion_together(capsys, tmp_path, tiny_model, fusion):
     data = _jsonl(tmp_path / "d.jsonl", ROWS)
-    _fails(capsys, tmp_path, _train(tiny_model, data, "--compile-layers", "--liger-kernels"),
-           "field 'liger_kernels'", "choose one")
+    _fails(capsys, tmp_path, _train(tiny_model, data, "--compile-layers", fusion),
+           f"field '{fusion[2:].replace('-', '_')}'", "choose one")
 
 
 def test_max_length_smaller_than_every_prompt(capsys, tmp_path, tiny_model):
