@@ -24,11 +24,11 @@ from .prefix_sharing import (BLOCK_MASK_ATTENTIONS, MASK_ATTENTIONS, SharingStat
                              merged_micro_batches, shared_prefix_loss)
 from .data import DataSource, TokenizedData, is_pretokenized, tokenize_source
 from .errors import InputError
+from .fused_lora import apply_fused_lora, decide_fused_lora
 from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
                                 planned_tokens)
 from .launch import fsdp_launched, world_size
-from .fused_lora import apply_fused_lora, decide_fused_lora
 from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker, refuse_both_fusions
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
