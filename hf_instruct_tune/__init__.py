@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from .quiet import filter_third_party_logs as _filter_third_party_logs
+
 __version__ = "0.1.0"
+_filter_third_party_logs()
 
 _EXPORTS = {
     "InstructTrainer": "trainer",

@@ -49,6 +49,12 @@ def filter_third_party_warnings() -> None:
     records in :data:`THIRD_PARTY_LOG_RECORDS`."""
     for message, category, module in THIRD_PARTY_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
+    filter_third_party_logs()
+
+
+def filter_third_party_logs() -> None:
+    """Drop exactly the log records in :data:`THIRD_PARTY_LOG_RECORDS`; run when the package is imported, before
+    the libraries that write them."""
     for name, pattern in THIRD_PARTY_LOG_RECORDS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DroppedRecords) and f.pattern.pattern == pattern for f in logger.filters):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import warnings
@@ -164,3 +165,14 @@ def test_third_party_records_about_their_optional_parts_are_not_logged(caplog, l
         library.warning(*dropped)
         library.warning(*kept)
     assert [record.getMessage() for record in caplog.records] == [kept[0] % kept[1:]]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
+def test_importing_the_trainer_writes_nothing_about_bitsandbytes_cpu_kernels():
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", "import hf_instruct_tune.trainer, bitsandbytes"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "kernels-community" not in result.stderr + result.stdout
