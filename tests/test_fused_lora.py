@@ -207,3 +207,29 @@ def test_fused_lora_and_compiled_layers_together_are_refused(tmp_path):
     with pytest.raises(InputError, match="compile_layers and fused_lora both fuse"):
         tiny_lora_trainer(tmp_path, sentiment_rows(4), num_layers=2, max_steps=1, compile_layers=True,
                           fused_lora=True)
+
+
+def test_a_base_layer_with_a_bias_and_a_batch_of_rows():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 20, bias=True), torch.nn.Tanh(), torch.nn.Linear(20, 6))
+    model = get_peft_model(model, LoraConfig(r=3, lora_alpha=6, target_modules=["0", "2"]))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    fused = copy.deepcopy(model)
+    from hf_instruct_tune.fused_lora import apply_fused_lora
+
+    assert apply_fused_lora(fused) == 2
+    x = torch.randn(3, 5, 12)
+
+    def run(network):
+        network.zero_grad(set_to_none=True)
+        inputs = x.clone().requires_grad_()
+        network(inputs).square().sum().backward()
+        return [inputs.grad] + [p.grad for p in network.parameters() if p.requires_grad]
+
+    for fused_grad, peft_grad in zip(run(fused), run(model), strict=True):
+        assert_close(fused_grad, peft_grad, rtol=1e-5, atol=1e-6)
