@@ -81,22 +81,25 @@ def last_checkpoint(output_dir: str | Path) -> Path | None:
 def remove_incomplete_checkpoints(output_dir: str | Path) -> list[Path]:
     """Delete checkpoints that a crash or a full disk left half-written; return what was removed."""
     run_dir = Path(output_dir) / CHECKPOINTS_DIR
-    removed = [path for _, path in run_checkpoints(run_dir) if not is_complete(path)] + _staged_entries(run_dir)
-    for path in removed:
-        shutil.rmtree(path, ignore_errors=True)
-    _remove_if_empty(run_dir / STAGING_DIR)
-    return removed
+    return _remove_with_staged(run_dir, [path for _, path in run_checkpoints(run_dir) if not is_complete(path)])
 
 
 def remove_run_checkpoints(output_dir: str | Path) -> list[Path]:
     """Delete the checkpoints a run wrote under ``output_dir/checkpoints`` (complete, staged or being replaced),
     and the folder if nothing else is left in it; anything else there is the user's and stays."""
     run_dir = Path(output_dir) / CHECKPOINTS_DIR
-    removed = [path for _, path in run_checkpoints(run_dir)] + _staged_entries(run_dir)
+    removed = _remove_with_staged(run_dir, [path for _, path in run_checkpoints(run_dir)])
+    _remove_if_empty(run_dir)
+    return removed
+
+
+def _remove_with_staged(run_dir: Path, checkpoints: list[Path]) -> list[Path]:
+    """Delete ``checkpoints`` and what the staging folder holds of a run's, then the staging folder if empty;
+    returns what was deleted."""
+    removed = checkpoints + _staged_entries(run_dir)
     for path in removed:
         shutil.rmtree(path, ignore_errors=True)
     _remove_if_empty(run_dir / STAGING_DIR)
-    _remove_if_empty(run_dir)
     return removed
 
 

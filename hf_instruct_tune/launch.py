@@ -83,6 +83,11 @@ def fsdp_launched() -> bool:
     return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in {"1", "true"}
 
 
+def deepspeed_launched() -> bool:
+    """True in a process that ``accelerate launch`` started with DeepSpeed (before the Trainer exists)."""
+    return os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in {"1", "true"}
+
+
 def accelerate_command(argv: list[str], num_processes: int, *, config_file: str | None = None) -> list[str]:
     """The ``accelerate launch`` command that runs ``hf-instruct-tune ARGV`` in ``num_processes`` processes.
 

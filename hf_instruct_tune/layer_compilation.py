@@ -35,6 +35,18 @@ PAYBACK_MARGIN = 3
 """Auto compiles when the planned tokens pay the measured compilation time back this many times over."""
 
 
+def refuse_other_fusions(compile_layers: bool | None, fusions: dict[str, bool | None],
+                         compile_name: str = "compile_layers") -> None:
+    """Raise :class:`~hf_instruct_tune.errors.InputError` when ``compile_layers`` and one of ``fusions`` (each
+    other fusion by the name the user set it as, option or argument, and its value) were both asked for."""
+    from .errors import InputError
+
+    for name, asked in fusions.items():
+        if compile_layers and asked:
+            raise InputError(f"{compile_name} and {name} both fuse the layers' work: choose one",
+                             field=name.lstrip("-").replace("-", "_"))
+
+
 def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
     """Compile the forward of every decoder layer of ``model`` (possibly wrapped by PEFT) in place, for training.
 

@@ -21,7 +21,6 @@ import logging
 from dataclasses import dataclass
 from typing import ClassVar
 
-from .errors import InputError
 from .memory_plan import unwrapped_model
 
 logger = logging.getLogger(__name__)
@@ -55,15 +54,6 @@ class LigerDecision(LayerKernelDecision):
     """Whether the decoder layers run Liger's kernels, and why."""
 
     label: ClassVar[str] = "Liger kernels"
-
-
-def refuse_both_fusions(compile_layers: bool | None, liger_kernels: bool | None,
-                        names: tuple[str, str] = ("compile_layers", "liger_kernels")) -> None:
-    """Raise :class:`~hf_instruct_tune.errors.InputError` when both were asked for; ``names``: what the user set
-    them as (options or arguments)."""
-    if compile_layers and liger_kernels:
-        raise InputError(f"{names[0]} and {names[1]} both fuse the layers' work: choose one",
-                         field=names[1].lstrip("-").replace("-", "_"))
 
 
 def liger_installed() -> bool:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -27,9 +26,9 @@ from .errors import InputError
 from .fused_lora import apply_fused_lora, decide_fused_lora
 from .language import guess_language
 from .layer_compilation import (CompileDecision, compilation_blocker, compile_decoder_layers, decide_compilation,
-                                planned_tokens)
-from .launch import fsdp_launched, world_size
-from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker, refuse_both_fusions
+                                planned_tokens, refuse_other_fusions)
+from .launch import deepspeed_launched, fsdp_launched, world_size
+from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
                           plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
@@ -170,8 +169,7 @@ class InstructTrainer(SFTTrainer):
     ):
         if train_dataset is None:
             raise InputError("InstructTrainer needs a `train_dataset` (raw rows: it formats and tokenizes them).")
-        refuse_both_fusions(compile_layers, liger_kernels)
-        refuse_both_fusions(compile_layers, fused_lora, ("compile_layers", "fused_lora"))
+        refuse_other_fusions(compile_layers, {"liger_kernels": liger_kernels, "fused_lora": fused_lora})
         if args is None:
             from .arguments import InstructConfig
 
@@ -486,8 +484,6 @@ class InstructTrainer(SFTTrainer):
         if self._lm_head is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                          num_items_in_batch=num_items_in_batch)
-        import torch
-
         from .loss import fused_cross_entropy
 
         head = self._lm_head[2]
@@ -934,8 +930,7 @@ def _training_device(args) -> str:
 
 def _deepspeed_wanted(args) -> bool:
     """Whether the run trains under DeepSpeed (a config in ``args``, or ``accelerate launch`` with DeepSpeed)."""
-    return bool(getattr(args, "deepspeed", None)) or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in {
-        "1", "true"}
+    return bool(getattr(args, "deepspeed", None)) or deepspeed_launched()
 
 
 def _is_unsloth(model) -> bool:

@@ -17,7 +17,7 @@ from .config import TrainConfig, changed_options
 from .data import DataSource, row_error
 from .errors import InputError, InstructTuneError
 from .formatters import get_formatter
-from .liger_kernels import refuse_both_fusions
+from .layer_compilation import refuse_other_fusions
 from .models import load_base_model, load_tokenizer, name_base_model, resolve_model
 from .recipe import check_template_name
 
@@ -191,8 +191,8 @@ def _load_model(config: TrainConfig, spec, backend: str):
         if backend == "unsloth" and getattr(config, field):
             raise InputError(f"--{field.replace('_', '-')} works with --backend transformers only (Unsloth patches "
                              "the layers with its own kernels)", field=field)
-    refuse_both_fusions(config.compile_layers, config.liger_kernels, ("--compile-layers", "--liger-kernels"))
-    refuse_both_fusions(config.compile_layers, config.fused_lora, ("--compile-layers", "--fused-lora"))
+    refuse_other_fusions(config.compile_layers, {"--liger-kernels": config.liger_kernels,
+                                                 "--fused-lora": config.fused_lora}, "--compile-layers")
     attn_implementation = _attn_implementation(config)
     if attn_implementation:
         logger.info("Attention: %s", attn_implementation)
