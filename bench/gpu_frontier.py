@@ -63,9 +63,14 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
         script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiled_train.py")
         launcher = [*launcher[:-2], script] if launcher[-2:] == ["-m", "hf_instruct_tune"] else launcher
         env["BENCH_PROFILE_OUT"] = os.path.join(os.path.abspath(outdir), f"profile_{name}")
+    steps = gpu_bench.STEPS
+    if env.get("BENCH_PLANNED_STEPS"):  # a run planned that long, stopped after STEPS (bench/planned_run_train.py)
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "planned_run_train.py")
+        launcher = [*launcher[:-2], script] if launcher[-2:] == ["-m", "hf_instruct_tune"] else launcher
+        env["BENCH_STOP_AFTER"], steps = str(gpu_bench.STEPS), int(env["BENCH_PLANNED_STEPS"])
     command = [*launcher, "train", "--model", model_dir, "--data", data_file,
                "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",
-               "--max-steps", str(gpu_bench.STEPS), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",
+               "--max-steps", str(steps), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",
                "--warmup-steps", "5", *flags]
     start = time.time()
     log = os.path.join(outdir, f"log_cli_{name}.txt")
@@ -74,6 +79,8 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
         # the installed layout (templates/ and cards/ inside it)
         code = subprocess.run(command, stdout=fh, stderr=subprocess.STDOUT, cwd="/tmp", env=env).returncode
     result = {"stack": "hit-cli", "variant": name, "flags": " ".join(flags), "wall_s": round(time.time() - start, 1)}
+    if steps != gpu_bench.STEPS:
+        result["planned_steps"] = steps
     if code != 0:
         result["error"] = f"exit {code}: " + open(log).read()[-300:]
     else:
@@ -146,6 +153,10 @@ def table(results: list[dict]) -> str:
         runs.append((budget, f"max_memory_{budget}" if budget else "default", label))
         if f"compiled_{budget or 'none'}" in package:
             runs.append((budget, f"compiled_{budget or 'none'}", f"{label}, compiled layers"))
+        planned = package.get(f"planned_{budget or 'none'}")
+        if planned:
+            steps = planned[0].get("planned_steps", gpu_bench.STEPS)
+            runs.append((budget, f"planned_{budget or 'none'}", f"{label}, a run planned for {steps:,} steps"))
     for budget, name, label in runs:
         ours = package.get(name, [])
         failed = [r for r in ours if "error" in r]

@@ -1,0 +1,61 @@
+"""`hf-instruct-tune train` for a run planned at its full length, stopped after its first steps.
+
+The package decides some settings from the run's planned length (``compile_layers`` auto compiles the decoder
+layers when the planned tokens pay the compilation back, ``hf_instruct_tune/layer_compilation.py``); a bench of 16
+steps would only ever see a short run's decisions. Here the command line is the CLI's, with ``--max-steps`` the
+planned length, and the run stops after ``BENCH_STOP_AFTER`` optimizer steps (the Trainer's own
+``should_training_stop``: the adapter and ``hf_instruct_tune.json`` are written as at any run's end, with the
+tokens/s of the steps after warm-up). At exit it prints the seconds torch.compile spent by phase, if it ran.
+`bench/gpu_frontier.py cli` runs it in place of the CLI when ``BENCH_PLANNED_STEPS`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def _stopping_callback(stop_after: int):
+    from transformers import TrainerCallback
+
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step >= stop_after:
+                control.should_training_stop = True
+
+    return StopAfter()
+
+
+def install(stop_after: int) -> None:
+    """Give every Trainer built in this process the stopping callback."""
+    import transformers
+
+    original = transformers.Trainer.__init__
+
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        self.add_callback(_stopping_callback(stop_after))
+
+    transformers.Trainer.__init__ = __init__
+
+
+def print_compile_times() -> None:
+    """torch.compile's seconds by phase (Dynamo, AOTAutograd, Inductor), when anything was compiled."""
+    if "torch" not in sys.modules:
+        return
+    from torch._dynamo.utils import compile_times
+
+    table = compile_times(repr="str", aggregate=True)
+    if len(table.strip().splitlines()) > 2:  # more than the header
+        print("COMPILE_TIMES\n" + table, flush=True)
+
+
+if __name__ == "__main__":
+    install(int(os.environ["BENCH_STOP_AFTER"]))
+    from hf_instruct_tune.cli import main
+
+    try:
+        code = main()
+    finally:
+        print_compile_times()
+    sys.exit(code)
