@@ -59,6 +59,8 @@ def make(out: str) -> None:
 
     arch = ARCH if not os.environ.get("BENCH_TINY") else dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    if os.environ.get("BENCH_LAYERS"):  # the architecture's layers, fewer of them (a compile-time check)
+        arch = {**arch, "num_hidden_layers": int(os.environ["BENCH_LAYERS"])}
     cfg = LlamaConfig(vocab_size=VOCAB, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
                       bos_token_id=128000, eos_token_id=128001, tie_word_embeddings=False, **arch)
     torch.manual_seed(0)

@@ -44,8 +44,9 @@ def resolve_backend(name: str) -> str:
     """Return ``"transformers"`` or ``"unsloth"`` for a ``--backend`` value.
 
     ``auto`` is transformers: with the memory plan and the packed, isolated path it was measured faster than
-    Unsloth's best configuration that fits the same memory at every budget from 8 GiB (1.3-1.8x with eager layers,
-    2.0-2.3x with compiled layers from 12 GiB; ``BENCHMARKS.md``, "GPU"), and it also runs on several processes.
+    Unsloth's best configuration that fits the same memory at every budget from 8 GiB (1.4-1.6x on a 16-step run
+    with eager layers, 1.4-1.7x on a long run, whose layers it compiles; ``BENCHMARKS.md``, "GPU"), and it also runs
+    on several processes.
     Unsloth runs when asked for by name.
     Raises :class:`InputError` for an unknown name, or for ``unsloth`` where it cannot run.
     """

@@ -9,11 +9,12 @@ The first steps pay for the compilation; the loss and gradients are those of the
 floating-point reordering.
 
 By default (``compile_layers=None``, "auto") the layers are compiled on a CUDA GPU when the run is long enough to
-pay the compilation back (:func:`decide_compilation`): on one H200, compiling Llama-3-8B's 32 layers took ~68 s
-and made each token ~17 us faster than the eager layers with Liger's kernels with no layer checkpointed, ~25 us
-with every layer checkpointed (the recomputed forward is compiled too), so it paid for itself after ~3.9M tokens,
-or ~2.7M. Auto asks for three times that (:data:`PAYBACK_MARGIN`): a smaller model saves less per token for a
-similar compilation time.
+pay the compilation back (:func:`decide_compilation`): on one H200, compiling Llama-3-8B's 32 layers costs ~10 s
+of a run's wall time (the layers' float attributes compiled as constants; ~68 s before, most of it C++ kernels
+built on the host for them) and made each token ~17 us faster than the eager layers with Liger's kernels with no
+layer checkpointed, ~25 us with every layer checkpointed (the recomputed forward is compiled too), so it pays for
+itself after ~0.6M tokens, or ~0.4M. Auto asks for three times that (:data:`PAYBACK_MARGIN`): a smaller model
+saves less per token for a similar compilation time.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
-COMPILE_SECONDS = 68.0
-"""Wall time of compiling Llama-3-8B's 32 decoder layers (NF4, LoRA) on one H200 (BENCHMARKS.md, "GPU")."""
+COMPILE_SECONDS = 10.0
+"""Wall time compiling Llama-3-8B's 32 decoder layers (NF4, LoRA) adds to a run on one H200 (BENCHMARKS.md, "GPU":
+a 16-step run took 51.1 s compiled against 45.9 s eager, whose steps 2-16 were 2.9 s longer from one slow step;
+torch.compile's own phases 10.6 s in another run of the same lease kind)."""
 SAVED_SECONDS_PER_TOKEN = {"none checkpointed": (6.576 - 5.480) / 62_984, "all checkpointed": 0.126 / 4_943}
 """Step time compiled layers saved per token there: with no layer checkpointed, the CLI's steps 2-16 (62,984
 tokens) took 5.480 s compiled against 6.416 and 6.735 s eager with Liger's kernels in the same lease; with every
@@ -54,7 +57,9 @@ def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
     output is made to require grad, so the first layer's input looks like every other layer's and all layers
     share one graph (otherwise the first layer's frozen input compiles a graph of its own). Each layer may need a
     graph of its own (4-bit weights carry per-layer quantization state), so torch's recompilation limit is
-    raised to the number of layers where it is lower. ``backend`` is ``torch.compile``'s.
+    raised to the number of layers where it is lower. Float attributes are compiled as constants
+    (``torch._dynamo.config.specialize_float``, for the process): as graph inputs they cost a host compiler's C++
+    kernels, ~50 of the ~60 s the compilation took on an H200 host. ``backend`` is ``torch.compile``'s.
     """
     import torch
 
@@ -69,6 +74,9 @@ def compile_decoder_layers(model, *, backend: str = "inductor") -> int:
         if hasattr(dynamo, limit) and getattr(dynamo, limit) < len(layers) + 8:
             setattr(dynamo, limit, len(layers) + 8)
             break
+    # the layers' float attributes (norm epsilons, LoRA and attention scalings, dropout rates) as constants: promoted
+    # to graph inputs, they are CPU scalar tensors, and Inductor compiles C++ kernels for their arithmetic
+    dynamo.specialize_float = True
     compiled = 0
     for layer in layers:
         if not is_compiled(layer):
@@ -86,7 +94,7 @@ def is_compiled(layer) -> bool:
 
 def payback_tokens(checkpointed_fraction: float) -> int:
     """Tokens per process from which auto compiles: :data:`PAYBACK_MARGIN` times the measured break-even at
-    this fraction of the layers checkpointed (~11.7M with none, ~8.0M with all), the saving per token
+    this fraction of the layers checkpointed (~1.7M with none, ~1.2M with all), the saving per token
     interpolated between the two measurements."""
     none, every = SAVED_SECONDS_PER_TOKEN["none checkpointed"], SAVED_SECONDS_PER_TOKEN["all checkpointed"]
     fraction = min(max(checkpointed_fraction, 0.0), 1.0)

@@ -9,7 +9,7 @@ from huggingface_hub import ModelCard
 
 from hf_instruct_tune.cli import main
 from hf_instruct_tune.errors import InputError
-from hf_instruct_tune.hub.card import render_card, write_card
+from hf_instruct_tune.hub.card import render_card
 from hf_instruct_tune.metadata import TrainingMetadata
 
 CHATML = "<|im_start|>user\n{{ instruction }}<|im_end|>\n<|im_start|>assistant\n"

@@ -49,7 +49,7 @@ def test_the_adapter_is_announced_once(adapter):
     out, printed, _ = adapter
     assert printed.count(str(out)) == 1, printed
     assert "Saved the adapter to" not in printed
-    assert f"Trained 1 step, final loss " in printed and "Trained 1 steps" not in printed
+    assert "Trained 1 step, final loss " in printed and "Trained 1 steps" not in printed
 
 
 def test_no_warnings_about_what_the_user_never_set(adapter):
