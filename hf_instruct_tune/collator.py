@@ -45,6 +45,9 @@ class EOSSafeCollator:
             ``flex_attention``): a shared-prefix batch then carries its prefix tree compactly instead of a dense
             mask, and sharing is weighed by the token pairs attended; :class:`InstructTrainer` sets it from the
             model's attention implementation.
+        shared_tokens_limit: a shared-prefix row of more tokens than this is not used: the batch is laid out as
+            usual, so that a trainer running a micro-batch over its memory budget in parts can cut it (a
+            shared-prefix row cannot be cut); :class:`InstructTrainer` sets it from the memory plan.
     """
 
     pad_token_id: int
@@ -58,6 +61,7 @@ class EOSSafeCollator:
     prefix_sharing: bool = False
     attention_tokens: int = 4096
     block_sparse_attention: bool = False
+    shared_tokens_limit: int | None = None
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -84,6 +88,8 @@ class EOSSafeCollator:
         from .prefix_sharing import build_prefix_tree, share_prefixes, sharing_pays
 
         tree = build_prefix_tree([example["input_ids"] for example in encoded])
+        if self.shared_tokens_limit is not None and len(tree.tokens) > self.shared_tokens_limit:
+            return None
         lengths = [len(example["input_ids"]) for example in encoded]
         pairs = tree.attended_pairs() if self.block_sparse_attention else None
         if not sharing_pays(lengths, len(tree.tokens), attention_tokens=self.attention_tokens,

@@ -244,6 +244,9 @@ class InstructTrainer(SFTTrainer):
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
             attn = _attention_of(self.model)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
+        if (isinstance(self.data_collator, EOSSafeCollator) and self.data_collator.prefix_sharing
+                and self.memory_plan is not None and self.memory_plan.split_above_tokens):
+            self.data_collator.shared_tokens_limit = self.memory_plan.split_above_tokens
         self.micro_batches_in_parts = 0
         self.checkpoint_switch: CheckpointSwitch | None = None
         if self.memory_plan is not None:
@@ -293,10 +296,11 @@ class InstructTrainer(SFTTrainer):
                 offload_input_embeddings(model, reserve_tokens=micro_batch_tokens(lengths, micro, self.packing,
                                                                                   micro_batches))
             return None
-        # a shared-prefix batch is not cut into parts; nor is one of several processes, which would then run
-        # different numbers of forward and backward passes, and so of collectives; nor under DeepSpeed, which
-        # counts backward passes as accumulated micro-batches
-        can_split = not self.prefix_sharing and world_size() == 1 and not _deepspeed_wanted(args)
+        # a micro-batch of several processes is not cut into parts: they would then run different numbers of
+        # forward and backward passes, and so of collectives; nor under DeepSpeed, which counts backward passes as
+        # accumulated micro-batches. A shared-prefix row cannot be cut: one over the budget is laid out as usual
+        # (the collator's ``shared_tokens_limit``)
+        can_split = world_size() == 1 and not _deepspeed_wanted(args)
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split,
                                 liger_layers=self.liger.used)

@@ -102,7 +102,7 @@ def tiny_lora_trainer(output_dir: Path, rows: Sequence[dict], *, num_layers: int
     return InstructTrainer(model=model, args=args, train_dataset=list(rows), processing_class=tok, template="alpaca",
                            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                   task_type="CAUSAL_LM"),
-                           prefix_sharing=False, **trainer_kwargs)
+                           **{"prefix_sharing": False, **trainer_kwargs})
 
 
 def logged_losses(trainer) -> list[float]:

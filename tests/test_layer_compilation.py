@@ -204,7 +204,7 @@ def test_compile_layers_is_a_train_option():
     assert TrainConfig(model="m", data="d.jsonl").compile_layers is None  # auto
 
 
-def test_float_attributes_compile_as_constants_not_host_scalars(monkeypatch):
+def test_float_attributes_compile_as_constants_not_host_scalars():
     """Norm epsilons, LoRA and attention scalings and dropout rates are constants of the layers' graph: promoted to
     inputs (torch's default) they are 0-dim CPU tensors, for which Inductor builds C++ kernels on the host (on an
     H200 host that was most of the compilation's minute, BENCHMARKS.md "GPU")."""
@@ -221,13 +221,13 @@ def test_float_attributes_compile_as_constants_not_host_scalars(monkeypatch):
         return graph_module.forward
 
     torch._dynamo.reset()
-    monkeypatch.setattr(torch._dynamo.config, "specialize_float", False)  # torch's default, whatever ran before
     model = get_peft_model(build_tiny_model(build_tiny_tokenizer(), num_layers=2),
                            LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     model.train()
-    assert compile_decoder_layers(model, backend=recording_backend) == 2
-    ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
-    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    with torch._dynamo.config.patch(specialize_float=False):  # torch's default, whatever ran before; restored
+        assert compile_decoder_layers(model, backend=recording_backend) == 2
+        ids = torch.tensor([[5, 17, 42, 8, 99, 3]])
+        model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert inputs_seen
     host_scalars = [x for x in inputs_seen if isinstance(x, torch.Tensor) and x.dim() == 0 and x.is_floating_point()]
     assert host_scalars == []

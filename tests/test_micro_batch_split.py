@@ -73,6 +73,32 @@ def test_training_in_parts_gives_the_same_losses_and_adapter(tmp_path, monkeypat
             assert_close(adapter[name], reference.detach(), rtol=1e-4, atol=1e-6)
 
 
+def test_with_prefix_sharing_a_micro_batch_over_the_budget_is_packed_and_cut(tmp_path, monkeypatch):
+    """Prefix sharing (on by default on a GPU) does not keep the plan from cutting micro-batches: one whose
+    shared-prefix row would pass the budget is packed as usual and run in parts, with the same losses."""
+    from hf_instruct_tune import memory_plan
+
+    asked = {}
+    original = memory_plan.plan_memory
+
+    def plan(*args, **kwargs):
+        asked["can_split"] = kwargs.get("can_split")
+        return dataclasses.replace(original(*args, **kwargs), split_above_tokens=60)
+
+    config = {"packing": True}
+    whole = tiny_lora_trainer(tmp_path / "whole", ROWS, num_layers=2, max_steps=4, max_memory=100.0, config=config,
+                              prefix_sharing=True)
+    whole.train()
+    assert whole.sharing_stats.batches == 4 and whole.micro_batches_in_parts == 0  # every micro-batch shared
+    monkeypatch.setattr(memory_plan, "plan_memory", plan)
+    cut = tiny_lora_trainer(tmp_path / "cut", ROWS, num_layers=2, max_steps=4, max_memory=100.0, config=config,
+                            prefix_sharing=True)
+    assert asked["can_split"] is True and cut.data_collator.shared_tokens_limit == 60
+    cut.train()
+    assert cut.micro_batches_in_parts == 4 and cut.sharing_stats.batches == 0
+    assert_close(torch.tensor(logged_losses(cut)), torch.tensor(logged_losses(whole)), rtol=1e-4, atol=1e-5)
+
+
 def test_the_plan_cuts_only_the_longest_micro_batches(monkeypatch):
     from hf_instruct_tune.memory_plan import SPLIT_SHARE, micro_batch_quantile, plan_memory
     from test_memory_plan import LLAMA3_8B_NF4, _bench_lengths

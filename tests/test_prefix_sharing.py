@@ -179,6 +179,21 @@ def test_packing_falls_back_to_isolated_packing_when_nothing_is_shared():
     assert "loss_positions" not in packed and packed["position_ids"].tolist() == [[0, 1, 2, 3, 0, 1, 2]]
 
 
+def test_a_shared_row_over_the_limit_is_packed_as_usual():
+    """A trainer runs a micro-batch over its memory budget in parts, which a shared-prefix row cannot be cut into:
+    over ``shared_tokens_limit`` the batch is packed as usual."""
+    rows = _rows()
+    shared_tokens = len(build_prefix_tree([row["input_ids"] for row in rows]).tokens)
+    at_limit = EOSSafeCollator(pad_token_id=PAD, prefix_sharing=True, padding_free=True,
+                               shared_tokens_limit=shared_tokens)
+    assert "loss_positions" in at_limit(rows)
+    below = EOSSafeCollator(pad_token_id=PAD, prefix_sharing=True, padding_free=True,
+                            shared_tokens_limit=shared_tokens - 1)
+    packed = below(rows)
+    assert "loss_positions" not in packed
+    assert packed["input_ids"].shape[1] == sum(len(row["input_ids"]) for row in rows)
+
+
 def test_cpu_micro_batches_merge_only_when_they_fit():
     assert merged_micro_batches(4, 4, 150) == (16, 1)
     assert merged_micro_batches(4, 4, 2048) == (4, 4)
