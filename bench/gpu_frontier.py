@@ -48,6 +48,13 @@ def data(out: str) -> None:
     print(json.dumps({"rows": len(gpu_bench.rows()), "file": out}))
 
 
+def _in_place_of_cli(launcher: list[str], script: str) -> list[str]:
+    """``launcher`` running this folder's ``script`` (the CLI's command line, with its own hooks) in place of its
+    trailing ``-m hf_instruct_tune`` (under ``accelerate launch`` too)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), script)
+    return [*launcher[:-2], path] if launcher[-2:] == ["-m", "hf_instruct_tune"] else launcher
+
+
 def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]) -> dict:
     """Run `hf-instruct-tune train` once; the RESULT comes from the adapter's `hf_instruct_tune.json`."""
     out = os.path.join(os.path.abspath(outdir), f"adapter_{name}")
@@ -59,14 +66,12 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
         flags = flags[:at] + flags[at + 2:]
         launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "-m", "hf_instruct_tune"]
     env = dict(os.environ)
-    if env.get("BENCH_PROFILE_STEPS"):  # the same run with a profiler window (bench/profiled_train.py)
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiled_train.py")
-        launcher = [*launcher[:-2], script] if launcher[-2:] == ["-m", "hf_instruct_tune"] else launcher
-        env["BENCH_PROFILE_OUT"] = os.path.join(os.path.abspath(outdir), f"profile_{name}")
     steps = gpu_bench.STEPS
+    if env.get("BENCH_PROFILE_STEPS"):  # the same run with a profiler window (bench/profiled_train.py)
+        launcher = _in_place_of_cli(launcher, "profiled_train.py")
+        env["BENCH_PROFILE_OUT"] = os.path.join(os.path.abspath(outdir), f"profile_{name}")
     if env.get("BENCH_PLANNED_STEPS"):  # a run planned that long, stopped after STEPS (bench/planned_run_train.py)
-        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "planned_run_train.py")
-        launcher = [*launcher[:-2], script] if launcher[-2:] == ["-m", "hf_instruct_tune"] else launcher
+        launcher = _in_place_of_cli(launcher, "planned_run_train.py")
         env["BENCH_STOP_AFTER"], steps = str(gpu_bench.STEPS), int(env["BENCH_PLANNED_STEPS"])
     command = [*launcher, "train", "--model", model_dir, "--data", data_file,
                "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",

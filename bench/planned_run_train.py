@@ -26,19 +26,6 @@ def _stopping_callback(stop_after: int):
     return StopAfter()
 
 
-def install(stop_after: int) -> None:
-    """Give every Trainer built in this process the stopping callback."""
-    import transformers
-
-    original = transformers.Trainer.__init__
-
-    def __init__(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        self.add_callback(_stopping_callback(stop_after))
-
-    transformers.Trainer.__init__ = __init__
-
-
 def print_compile_times() -> None:
     """torch.compile's seconds by phase (Dynamo, AOTAutograd, Inductor), when anything was compiled."""
     if "torch" not in sys.modules:
@@ -51,7 +38,10 @@ def print_compile_times() -> None:
 
 
 if __name__ == "__main__":
-    install(int(os.environ["BENCH_STOP_AFTER"]))
+    from profiled_train import install  # this script's folder is first on sys.path
+
+    stop_after = int(os.environ["BENCH_STOP_AFTER"])
+    install(lambda: _stopping_callback(stop_after))
     from hf_instruct_tune.cli import main
 
     try:
