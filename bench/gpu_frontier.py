@@ -68,11 +68,12 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
     env = dict(os.environ)
     steps = gpu_bench.STEPS
     if env.get("BENCH_PROFILE_STEPS"):  # the same run with a profiler window (bench/profiled_train.py)
-        launcher = _in_place_of_cli(launcher, "profiled_train.py")
         env["BENCH_PROFILE_OUT"] = os.path.join(os.path.abspath(outdir), f"profile_{name}")
-    if env.get("BENCH_PLANNED_STEPS"):  # a run planned that long, stopped after STEPS (bench/planned_run_train.py)
-        launcher = _in_place_of_cli(launcher, "planned_run_train.py")
+    if env.get("BENCH_PLANNED_STEPS"):  # a run planned that long, stopped after STEPS (bench/planned_run_train.py,
+        launcher = _in_place_of_cli(launcher, "planned_run_train.py")  # which profiles too where asked)
         env["BENCH_STOP_AFTER"], steps = str(gpu_bench.STEPS), int(env["BENCH_PLANNED_STEPS"])
+    elif env.get("BENCH_PROFILE_STEPS"):
+        launcher = _in_place_of_cli(launcher, "profiled_train.py")
     command = [*launcher, "train", "--model", model_dir, "--data", data_file,
                "--formatter", "text", "--template", "raw", "--output-dir", out, "--overwrite",
                "--max-steps", str(steps), "--seed", "0", "--max-length", "2048", "--lr", "2e-4",

@@ -6,7 +6,8 @@ steps would only ever see a short run's decisions. Here the command line is the 
 planned length, and the run stops after ``BENCH_STOP_AFTER`` optimizer steps (the Trainer's own
 ``should_training_stop``: the adapter and ``hf_instruct_tune.json`` are written as at any run's end, with the
 tokens/s of the steps after warm-up). At exit it prints the seconds torch.compile spent by phase, if it ran.
-`bench/gpu_frontier.py cli` runs it in place of the CLI when ``BENCH_PLANNED_STEPS`` is set.
+With ``BENCH_PROFILE_STEPS`` set it profiles that window too, as bench/profiled_train.py does. `bench/gpu_frontier.py
+cli` runs it in place of the CLI when ``BENCH_PLANNED_STEPS`` is set.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ if __name__ == "__main__":
 
     stop_after = int(os.environ["BENCH_STOP_AFTER"])
     install(lambda: _stopping_callback(stop_after))
+    if os.environ.get("BENCH_PROFILE_STEPS"):
+        install()  # and a profiler window (bench/profiled_train.py)
     from hf_instruct_tune.cli import main
 
     try:

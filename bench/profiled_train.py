@@ -5,7 +5,8 @@ The command line is the CLI's (`python bench/profiled_train.py train --model ...
 1-based, default "8:9"), and each process writes ``BENCH_PROFILE_OUT/profile_rank{R}.json``: the window's wall
 seconds, device time by category (kernels summed over streams: NCCL collectives apart from compute), the share of
 the wall time the compute stream was busy, the CPU time of the optimizer step, and the top operators by device and
-by CPU time. `bench/gpu_frontier.py cli` runs it in place of the CLI when ``BENCH_PROFILE_STEPS`` is set.
+by CPU time. The window's Chrome trace is kept gzipped beside it, and where its GPU sat idle (bench/trace_gaps.py) is in the
+summary's "gaps". `bench/gpu_frontier.py cli` runs it in place of the CLI when ``BENCH_PROFILE_STEPS`` is set.
 
 usage: python bench/profiled_train.py summary DIR   -> one line per profile found in DIR
 """
@@ -71,6 +72,23 @@ def summarize(prof, wall_s: float, steps: int) -> dict:
     }
 
 
+def _gaps(prof, steps: int, out: str) -> dict:
+    """Where the window's GPU sat idle (bench/trace_gaps.py), from its Chrome trace (kept, gzipped, in ``out``)."""
+    import gzip
+    import shutil
+
+    from trace_gaps import analyze  # this script's folder is first on sys.path
+
+    path = os.path.join(out, f"trace_rank{_rank()}.json")
+    prof.export_chrome_trace(path)
+    with open(path) as fh:
+        gaps = analyze(json.load(fh), steps)
+    with open(path, "rb") as raw, gzip.open(path + ".gz", "wb") as packed:
+        shutil.copyfileobj(raw, packed)
+    os.remove(path)
+    return gaps
+
+
 def _profiling_callback():
     import torch
     from transformers import TrainerCallback
@@ -98,6 +116,7 @@ def _profiling_callback():
                 out = os.environ.get("BENCH_PROFILE_OUT", ".")
                 os.makedirs(out, exist_ok=True)
                 summary = summarize(self.prof, wall, last - first + 1)
+                summary["gaps"] = _gaps(self.prof, last - first + 1, out)
                 with open(os.path.join(out, f"profile_rank{_rank()}.json"), "w") as fh:
                     json.dump(summary, fh, indent=1)
                 self.prof = None
@@ -123,7 +142,9 @@ def summary(folder: str) -> None:
     for name in sorted(os.listdir(folder)):
         if name.startswith("profile_rank") and name.endswith(".json"):
             data = json.load(open(os.path.join(folder, name)))
-            print(json.dumps({k: v for k, v in data.items() if not k.startswith("top_")}))
+            print(json.dumps({k: v for k, v in data.items() if not k.startswith("top_") and k != "gaps"}))
+            if "gaps" in data:
+                print("  gaps: " + json.dumps(data["gaps"], indent=1).replace("\n", "\n  "))
             for key in ("top_device", "top_cpu"):
                 print(f"  {key}:")
                 for row in data[key][:12]:

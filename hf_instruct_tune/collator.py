@@ -48,6 +48,10 @@ class EOSSafeCollator:
         shared_tokens_limit: a shared-prefix row of more tokens than this is not used: the batch is laid out as
             usual, so that a trainer running a micro-batch over its memory budget in parts can cut it (a
             shared-prefix row cannot be cut); :class:`InstructTrainer` sets it from the memory plan.
+        supervised_positions: with ``padding_free``, also return ``supervised_positions`` ``[1, N]``, the
+            positions whose next token is supervised, so that the loss needs no mask found on the GPU
+            (:mod:`hf_instruct_tune.supervised_positions`); such a batch needs a trainer that reads it
+            (:class:`~hf_instruct_tune.InstructTrainer` sets it where the model takes ``logits_to_keep``).
     """
 
     pad_token_id: int
@@ -62,6 +66,7 @@ class EOSSafeCollator:
     attention_tokens: int = 4096
     block_sparse_attention: bool = False
     shared_tokens_limit: int | None = None
+    supervised_positions: bool = False
 
     def __post_init__(self):
         if self.pad_token_id is None:
@@ -80,7 +85,12 @@ class EOSSafeCollator:
         if self.padding_free:
             from .packing import pack_features
 
-            return pack_features(encoded, pad_token_id=self.pad_token_id, flash_attn_kwargs=self.flash_attn_kwargs)
+            batch = pack_features(encoded, pad_token_id=self.pad_token_id, flash_attn_kwargs=self.flash_attn_kwargs)
+            if self.supervised_positions:
+                from .supervised_positions import KEY, supervised_positions
+
+                batch[KEY] = supervised_positions(batch["labels"])
+            return batch
         return pad_examples(encoded, pad_token_id=self.pad_token_id, pad_to_multiple_of=self.pad_to_multiple_of,
                             padding_side=self.padding_side)
 

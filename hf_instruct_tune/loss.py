@@ -78,18 +78,23 @@ def predictions_cross_entropy(
     num_processes: int = 1,
     chunk_size: int = 1024,
     implementation: str = "auto",
+    all_supervised: bool = False,
 ) -> torch.Tensor:
     """:func:`fused_cross_entropy` of already aligned predictions: ``hidden[i]`` ``[N, H]`` predicts ``targets[i]``
-    ``[N]`` (-100: no loss). Shared-prefix batches (:mod:`hf_instruct_tune.prefix_sharing`) gather theirs."""
+    ``[N]`` (-100: no loss). Shared-prefix batches (:mod:`hf_instruct_tune.prefix_sharing`) and packed ones
+    (:mod:`hf_instruct_tune.supervised_positions`) gather theirs. ``all_supervised``: no target is -100, so the
+    loss reads no count back from the device."""
     if implementation not in {"auto", "cce", "chunked"}:
         raise ValueError(f"`implementation` should be 'auto', 'cce' or 'chunked', got {implementation!r}.")
     h = hidden.to(weight.dtype)
     y = targets.reshape(-1).to(h.device)
-    supervised = y != IGNORE_INDEX
-    if not supervised.all():  # only supervised positions need logits: responses are a fraction of the tokens
-        h, y = h[supervised], y[supervised]
+    if not all_supervised:
+        supervised = y != IGNORE_INDEX
+        if not supervised.all():  # only supervised positions need logits: responses are a fraction of the tokens
+            h, y = h[supervised], y[supervised]
     use_cce = implementation == "cce" or (implementation == "auto" and bias is None and cce_available(h.device))
-    total = _cce_sum(h, weight, y, softcap) if use_cce else _chunked_sum(h, weight, bias, y, softcap, chunk_size)
+    total = (_cce_sum(h, weight, y, softcap) if use_cce
+             else _chunked_sum(h, weight, bias, y, softcap, chunk_size, all_supervised=all_supervised))
     return normalized_loss(total, y, num_items_in_batch, num_processes)
 
 
@@ -146,11 +151,11 @@ def _logits_sum(h, weight, bias, y, softcap):
     return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def _chunked_sum(h, weight, bias, y, softcap, chunk_size):
+def _chunked_sum(h, weight, bias, y, softcap, chunk_size, all_supervised=False):
     total = h.new_zeros((), dtype=torch.float32)
     for start in range(0, h.shape[0], chunk_size):
         y_chunk = y[start:start + chunk_size]
-        if not (y_chunk != IGNORE_INDEX).any():
+        if not all_supervised and not (y_chunk != IGNORE_INDEX).any():
             continue
         total = total + checkpoint(_logits_sum, h[start:start + chunk_size], weight, bias, y_chunk, softcap,
                                    use_reentrant=False)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 _FLASH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
-_PACKED_KEYS = {"input_ids", "labels", "position_ids", "use_cache", *_FLASH_KEYS}
+_PACKED_KEYS = {"input_ids", "labels", "position_ids", "use_cache", "supervised_positions", *_FLASH_KEYS}
 _PADDED_KEYS = {"input_ids", "labels", "attention_mask"}
 
 
@@ -28,7 +28,8 @@ def split_micro_batch(inputs: Mapping[str, Any], most_tokens: int) -> list[dict[
 
     A packed micro-batch (one row, ``position_ids`` restarting at 0 for each example, see
     :func:`~hf_instruct_tune.packing.pack_features`) is cut between examples, in order, each part as full as
-    fits, with its own ``cu_seq_lens_q/k`` and ``max_length_q/k`` when the batch has them. A padded one
+    fits, with its own ``cu_seq_lens_q/k``, ``max_length_q/k`` and ``supervised_positions`` when the batch has
+    them. A padded one
     (``[rows, length]`` with an ``attention_mask``) is cut between rows. An example longer than ``most_tokens``
     makes a part of its own. A batch with other keys (prefix sharing's layout) is not cut.
     """
@@ -69,6 +70,10 @@ def _split_packed(inputs: Mapping[str, Any], most_tokens: int) -> list[dict[str,
             device = inputs["cu_seq_lens_q"].device
             cu = torch.tensor([0, *group], dtype=torch.int32, device=device).cumsum(0, dtype=torch.int32)
             part.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(group), max_length_k=max(group))
+        if "supervised_positions" in inputs:
+            from .supervised_positions import supervised_positions
+
+            part["supervised_positions"] = supervised_positions(part["labels"])
         parts.append(part)
     return parts
 

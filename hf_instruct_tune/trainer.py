@@ -42,6 +42,7 @@ from .chat_encoding import encoder_for
 from .chat_template import ChatTemplate
 from .recipe import default_template_name, resolve_recipe  # noqa: F401  (default_template_name: public name)
 from .served_template import CHAT_TEMPLATE_FILE_NAME, served_chat_template
+from .supervised_positions import KEY as SUPERVISED_POSITIONS, positions_loss, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,8 @@ class InstructTrainer(SFTTrainer):
         if self.packing and isinstance(self.data_collator, EOSSafeCollator):
             attn = _attention_of(self.model)
             self.data_collator.flash_attn_kwargs = attn in VARLEN_ATTENTIONS
+        if self.packing and isinstance(self.data_collator, EOSSafeCollator) and _takes_logits_to_keep(self.model):
+            self.data_collator.supervised_positions = True
         if (isinstance(self.data_collator, EOSSafeCollator) and self.data_collator.prefix_sharing
                 and self.memory_plan is not None and self.memory_plan.split_above_tokens):
             self.data_collator.shared_tokens_limit = self.memory_plan.split_above_tokens
@@ -419,8 +422,8 @@ class InstructTrainer(SFTTrainer):
     def get_eval_dataloader(self, eval_dataset=None):
         """Evaluation batches are laid out as usual (TRL's metrics read their logits row by row)."""
         collator = self.data_collator
-        if isinstance(collator, EOSSafeCollator) and collator.prefix_sharing:
-            self.data_collator = dataclasses.replace(collator, prefix_sharing=False)
+        if isinstance(collator, EOSSafeCollator) and (collator.prefix_sharing or collator.supervised_positions):
+            self.data_collator = dataclasses.replace(collator, prefix_sharing=False, supervised_positions=False)
         try:
             return super().get_eval_dataloader(eval_dataset)
         finally:
@@ -485,6 +488,8 @@ class InstructTrainer(SFTTrainer):
                 self.checkpoint_switch.set_for(inputs)
         if "loss_positions" in inputs:
             return self._shared_prefix_loss(model, inputs, return_outputs, num_items_in_batch)
+        if SUPERVISED_POSITIONS in inputs:
+            return self._supervised_positions_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._lm_head is None:
             return super().compute_loss(model, inputs, return_outputs=return_outputs,
                                          num_items_in_batch=num_items_in_batch)
@@ -529,6 +534,28 @@ class InstructTrainer(SFTTrainer):
                                                                     inputs["input_ids"].device)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
         return (loss, outputs) if return_outputs else loss
+
+    def _supervised_positions_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
+        config = getattr(self.model, "config", None)
+        mode = "train" if self.model.training else "eval"
+        metrics = self._metrics[mode] if hasattr(self, "_metrics") else None
+        tokens = inputs["input_ids"].numel()
+        loss, outputs = positions_loss(
+            model, inputs, head=self._lm_head[2] if self._lm_head is not None else None,
+            softcap=getattr(config, "final_logit_softcapping", None), num_items_in_batch=num_items_in_batch,
+            num_processes=scale if num_items_in_batch is not None else 1, implementation=self._fused_implementation,
+            metrics=metrics)
+        if mode == "train" and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
+            self._total_train_tokens += self._summed_over_processes(tokens, inputs["input_ids"].device)
+            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """TRL's ``log``; the metrics the packed loss kept on the device are read here, once per logging step."""
+        for metrics in getattr(self, "_metrics", {}).values():
+            read_metrics(metrics)
+        super().log(logs, *args, **kwargs)
 
     def _summed_over_processes(self, count, device) -> int:
         """``count`` (an int, or a tensor on ``device``) summed over the processes. An int in one process is
@@ -919,6 +946,19 @@ def _prefix_sharing_wanted(asked: bool | None, model) -> bool:
                          f"the model uses {attn!r}. Load it with attn_implementation='sdpa' or turn prefix sharing off.",
                          field="prefix_sharing")
     return bool(asked)
+
+
+def _takes_logits_to_keep(model) -> bool:
+    """The model's forward computes its head at the positions given as ``logits_to_keep`` (not Unsloth's)."""
+    import inspect
+
+    if _is_unsloth(model):
+        return False
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _attention_of(model) -> str | None:

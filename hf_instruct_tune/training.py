@@ -291,6 +291,8 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
             load_best_model_at_end=config.load_best_model_at_end,
             metric_for_best_model="eval_loss" if config.load_best_model_at_end else None, dataloader_num_workers=0,
             disable_tqdm=False, save_only_model=False, dataloader_pin_memory=cuda,
+            # a NaN or infinite loss is logged as it is; the filter read every step's loss back, mid-step
+            logging_nan_inf_filter=False,
         )
     trainer = InstructTrainer(
         model=model, args=args, train_dataset=config.data, eval_dataset=config.eval_data,

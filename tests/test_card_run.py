@@ -97,8 +97,17 @@ def test_push_to_hub_publishes_like_upload_in_one_commit(api_run, hub_server, mo
     assert len(api.list_repo_commits("alice/tiny-api-adapter")) == 2
 
 
-def test_cli_card_counts_the_run_and_names_changed_options(tmp_path, caplog):
+def test_cli_card_counts_the_run_and_names_changed_options(tmp_path, caplog, monkeypatch):
+    from hf_instruct_tune import InstructTrainer
     from hf_instruct_tune.testing.tiny import save_tiny_checkpoint
+
+    seen_args, train = [], InstructTrainer.train
+
+    def recorded(self, *args, **kwargs):
+        seen_args.append(self.args)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(InstructTrainer, "train", recorded)
 
     model = save_tiny_checkpoint(tmp_path / "tiny")
     data = tmp_path / "d.jsonl"
@@ -118,3 +127,4 @@ def test_cli_card_counts_the_run_and_names_changed_options(tmp_path, caplog):
     assert f"SHA-256 of the data: `{hashlib.sha256(data.read_bytes()).hexdigest()}`" in text
     messages = [record.getMessage() for record in caplog.records]
     assert "Warm-up: 0 of 3 steps (5 asked; at most 1/10 of the run)" in messages, messages
+    assert seen_args[0].logging_nan_inf_filter is False  # no loss read back in the middle of a step

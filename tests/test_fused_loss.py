@@ -115,13 +115,13 @@ def test_trainer_fused_loss_logs_the_same_losses(tok, tmp_path, monkeypatch, pac
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     calls = []
-    fused_cross_entropy_ = hf_instruct_tune.loss.fused_cross_entropy
+    predictions_cross_entropy = hf_instruct_tune.loss.predictions_cross_entropy
 
-    def counted(*args, **kwargs):
+    def counted(*args, **kwargs):  # packed batches reach it with their supervised positions gathered
         calls.append((args[0].shape, kwargs["implementation"]))
-        return fused_cross_entropy_(*args, **kwargs)
+        return predictions_cross_entropy(*args, **kwargs)
 
-    monkeypatch.setattr(hf_instruct_tune.loss, "fused_cross_entropy", counted)
+    monkeypatch.setattr(hf_instruct_tune.loss, "predictions_cross_entropy", counted)
     _, plain = _run(tok, tmp_path, fused=False, packing=packing)
     assert not calls
     trainer, fused = _run(tok, tmp_path, fused=True, packing=packing)

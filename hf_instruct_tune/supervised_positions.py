@@ -1,0 +1,84 @@
+"""The loss of a packed micro-batch taken at its supervised positions, listed by the collator.
+
+A packed micro-batch's loss needs only the positions whose next token is supervised. Found on the GPU
+(``hidden[labels != -100]``, or ``if mask.all()``), they make the CPU wait for the forward to finish: a
+boolean mask's size is read back before the head can be queued, and its backward reads it again. While the CPU
+waits, nothing else is queued, and the GPU idles while the CPU catches up. The collator lists them instead,
+from the labels it has just built on the CPU (``supervised_positions`` ``[1, N]``: the positions ``t`` with
+``labels[0, t + 1] != -100``), and :func:`positions_loss` takes the head's output there only
+(``logits_to_keep``) and gathers the targets by index, so no size is read back during the step.
+
+Loss and gradients are those of the whole row's shifted cross-entropy, normalized the same way
+(``tests/test_supervised_positions.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import loss as losses
+from .loss import IGNORE_INDEX
+
+KEY = "supervised_positions"
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[1, N]``: the positions of the packed row ``labels`` ``[1, T]`` whose next token is supervised."""
+    return (labels[0, 1:] != IGNORE_INDEX).nonzero().view(1, -1)
+
+
+def positions_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, softcap: float | None = None,
+                   num_items_in_batch: Any = None, num_processes: int = 1, implementation: str = "auto",
+                   metrics: dict[str, list] | None = None) -> tuple[torch.Tensor, Any]:
+    """The causal-LM loss of a packed batch carrying ``supervised_positions``, normalized like transformers'.
+
+    ``head``: the ``lm_head`` when the model returns hidden states (fused loss), else None (it returns logits);
+    ``metrics``: TRL's metric lists, which get the batch's ``entropy`` and ``mean_token_accuracy`` (as tensors,
+    read when they are logged) when the logits are computed. Returns ``(loss, outputs)``.
+    """
+    positions = inputs.pop(KEY)[0]
+    labels = inputs.pop("labels")
+    targets = labels[0, 1:].index_select(0, positions)
+    inputs["use_cache"] = False
+    inputs["logits_to_keep"] = positions
+    outputs = model(**inputs)
+    chosen = outputs.logits[0]
+    if head is not None:
+        loss = losses.predictions_cross_entropy(chosen, head.weight, targets, bias=head.bias, softcap=softcap,
+                                         num_items_in_batch=num_items_in_batch, num_processes=num_processes,
+                                         implementation=implementation, all_supervised=True)
+    else:
+        logits = chosen.float()
+        total = F.cross_entropy(logits, targets, reduction="sum")
+        loss = losses.normalized_loss(total, targets, num_items_in_batch, num_processes)
+        if metrics is not None:
+            _record_metrics(logits.detach(), targets, metrics)
+    return loss, outputs
+
+
+@torch.no_grad()
+def _record_metrics(logits: torch.Tensor, targets: torch.Tensor, metrics: dict[str, list],
+                    chunk: int = 1024) -> None:
+    """TRL's ``entropy`` and ``mean_token_accuracy`` of the supervised predictions, as 0-dim tensors (computed
+    ``chunk`` rows at a time, so that they hold little memory beside the logits)."""
+    entropy = logits.new_zeros(())
+    correct = torch.zeros((), dtype=torch.long, device=logits.device)
+    for start in range(0, logits.shape[0], chunk):
+        part = logits[start:start + chunk]
+        log_probs = part.log_softmax(-1)
+        entropy += -(log_probs.exp() * log_probs).sum()
+        correct += (part.argmax(-1) == targets[start:start + chunk]).sum()
+    count = max(targets.numel(), 1)
+    metrics["entropy"].append(entropy / count)
+    metrics["mean_token_accuracy"].append(correct / count)
+
+
+def read_metrics(metrics: dict[str, list]) -> None:
+    """Replace the tensors :func:`positions_loss` recorded in ``metrics`` by floats (before they are logged)."""
+    for values in metrics.values():
+        for index, value in enumerate(values):
+            if isinstance(value, torch.Tensor):
+                values[index] = value.item()
