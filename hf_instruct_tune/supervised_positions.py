@@ -48,8 +48,8 @@ def positions_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, soft
     chosen = outputs.logits[0]
     if head is not None:
         loss = losses.predictions_cross_entropy(chosen, head.weight, targets, bias=head.bias, softcap=softcap,
-                                         num_items_in_batch=num_items_in_batch, num_processes=num_processes,
-                                         implementation=implementation, all_supervised=True)
+                                                num_items_in_batch=num_items_in_batch, num_processes=num_processes,
+                                                implementation=implementation, all_supervised=True)
     else:
         logits = chosen.float()
         total = F.cross_entropy(logits, targets, reduction="sum")

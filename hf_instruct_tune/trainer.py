@@ -31,7 +31,7 @@ from .launch import deepspeed_launched, fsdp_launched, world_size
 from .liger_kernels import LigerDecision, apply_liger_kernels, decide_liger, liger_blocker
 from .micro_batch_split import split_micro_batch
 from .memory_plan import (CheckpointSwitch, Fixed, MemoryPlan, apply_checkpointing, micro_batch_tokens,
-                          plan_for_trainer, planned_optimizer_steps, sampled_row_lengths)
+                          plan_for_trainer, planned_optimizer_steps, sampled_row_lengths, unwrapped_model)
 from .progress import ReadableProgressCallback
 from .quiet import filter_third_party_warnings
 from .metadata import METADATA_FILE_NAME, TrainingMetadata, framework_versions, write_text_atomic
@@ -954,9 +954,8 @@ def _takes_logits_to_keep(model) -> bool:
 
     if _is_unsloth(model):
         return False
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     try:
-        return "logits_to_keep" in inspect.signature(base.forward).parameters
+        return "logits_to_keep" in inspect.signature(unwrapped_model(model).forward).parameters
     except (TypeError, ValueError):
         return False
 
