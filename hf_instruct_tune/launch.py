@@ -7,7 +7,8 @@ shards the data and averages the loss. This module only:
 - builds the ``accelerate launch`` command for ``--num-processes`` (:func:`relaunch_with_accelerate`);
 - reads the rank from the environment before ``torch.distributed`` is set up (:func:`process_rank`,
   :func:`world_size`), for the choices made before the Trainer exists (the backend, the GPU to load on);
-- keeps the other ranks quiet (:func:`quiet_replicas`), so each message and progress bar appears once.
+- keeps the other ranks quiet (:func:`quiet_replicas`), so each message and progress bar appears once;
+- ends the process group after a finished run (:func:`end_process_group`), before the interpreter exits.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ def local_rank() -> int:
         if os.environ.get(name, "").isdigit():
             return int(os.environ[name])
     return 0
+
+
+def end_process_group() -> None:
+    """Destroy the default ``torch.distributed`` process group, if one is up.
+
+    Called after a run that finished on this rank. A process that exits with the group still up leaves
+    its backend's worker threads to die with the interpreter, which can abort the process (``terminate
+    called without an active exception``, exit -6) after the work is done and fail the whole launch.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def quiet_replicas() -> None:

@@ -237,3 +237,24 @@ def test_fsdp_without_a_full_state_dict_is_refused_before_training():
         _check_fsdp_saves_an_adapter(trainer())
     _check_fsdp_saves_an_adapter(trainer(state_dict_type="FULL_STATE_DICT"))
     _check_fsdp_saves_an_adapter(SimpleNamespace(is_fsdp_enabled=False))
+
+
+def test_train_ends_the_process_group_it_ran_in(tmp_path, monkeypatch):
+    """A launched rank that exits with its process group up can abort at interpreter exit and fail the launch."""
+    import torch.distributed as dist
+
+    from hf_instruct_tune import training
+    from hf_instruct_tune.cli import main
+
+    def train_in_a_process_group(config):
+        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+        return training.TrainResult(tmp_path / "adapter", global_step=1, final_loss=1.0)
+
+    monkeypatch.setattr(training, "run_training", train_in_a_process_group)
+    data = write_jsonl(tmp_path / "train.jsonl", [{"instruction": "Say hi.", "output": "Hi."}])
+    try:
+        assert main(["train", "--data", str(data), "--output-dir", str(tmp_path / "adapter")]) == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

@@ -74,10 +74,11 @@ def run(args: argparse.Namespace) -> int:
     from ..backends import import_backend_early
 
     import_backend_early(config.backend)  # Unsloth must patch transformers before anything imports it
-    from ..launch import process_rank
+    from ..launch import end_process_group, process_rank
     from ..training import run_training
 
     result = run_training(config)
+    end_process_group()
     if process_rank() != 0:  # rank 0 reports for a multi-process run
         return 0
     loss = f", final loss {result.final_loss:.4f}" if result.final_loss is not None else ""
