@@ -101,7 +101,8 @@ def cli(name: str, model_dir: str, data_file: str, outdir: str, flags: list[str]
                       checkpointed_per_micro_batch=results.get("checkpointed_layers_per_micro_batch"),
                       micro_batches_in_parts=results.get("micro_batches_in_parts"),
                       fused_lora=(training.get("fused_lora") or {}).get("used"),
-                      compiled_layers=(training.get("compile_layers") or {}).get("compiled"))
+                      compiled_layers=(training.get("compile_layers") or {}).get("compiled"),
+                      dequantized_base=training.get("dequantized_base"), optimizer=training.get("optimizer"))
     print("RESULT " + json.dumps(result), flush=True)
     return result
 

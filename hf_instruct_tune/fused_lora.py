@@ -8,7 +8,8 @@ eligible projection as one :class:`torch.autograd.Function` instead:
 
 * forward: ``out = x W^T + scaling * (x A^T) B^T``, the sum and the scale done by the second matmul (``addmm``);
 * backward: ``dx = g W + scaling * (g B) A``, ``dA = scaling * (g B)^T x``, ``dB = scaling * g^T (x A^T)``, the
-  base weight dequantized again as bitsandbytes does, nothing else recomputed.
+  base weight dequantized again as bitsandbytes does (or its kept bf16 copy used,
+  :mod:`~hf_instruct_tune.dequantized_base`), nothing else recomputed.
 
 It keeps what PEFT keeps for backward (the input and ``x A^T``); the numbers are PEFT's within bf16 rounding (the
 sum is rounded once instead of twice). A projection keeps PEFT's forward where the fused one would differ: LoRA
@@ -30,6 +31,7 @@ from typing import ClassVar
 
 import torch
 
+from .dequantized_base import dequantized_weight
 from .liger_kernels import LayerKernelDecision
 
 logger = logging.getLogger(__name__)
@@ -138,8 +140,10 @@ def _fused_forward(self, x, *args, **kwargs):
     dtype = _compute_dtype(x, base.weight if quant_state is None else None, lora_A)
     if dtype is None or getattr(quant_state, "packing_format_for_cpu", False):  # bitsandbytes' CPU inference layout
         return self._peft_forward(x, *args, **kwargs)
-    return FusedLoraLinear.apply(x, base.weight, base.bias, quant_state, lora_A, lora_B, self.scaling[adapter],
-                                 dtype)
+    weight, kept = base.weight, dequantized_weight(base)
+    if kept is not None:  # a 4-bit base kept dequantized: no dequantization in forward or backward
+        weight, quant_state = kept, None
+    return FusedLoraLinear.apply(x, weight, base.bias, quant_state, lora_A, lora_B, self.scaling[adapter], dtype)
 
 
 def _compute_dtype(x, dense_weight, lora_A) -> torch.dtype | None:

@@ -12,11 +12,13 @@ fixed by the user; how they are cut into micro-batches is not, and neither is wh
    own tokens (packed micro-batches of the same rows vary in length; the largest the run should meet sets the
    most, a shorter one recomputes fewer);
 4. the loss kernel: plain logits when they fit, else the fused cross-entropy (no ``[tokens, vocab]`` logits):
-   Cut Cross-Entropy where it is installed, else the chunked loss (:data:`AUTO_LOSS_KERNELS`); or the one given.
+   Cut Cross-Entropy where it is installed, else the chunked loss (:data:`AUTO_LOSS_KERNELS`); or the one given;
+5. for a 4-bit base, with all of the above at its fastest and memory still to spare: its weights dequantized
+   once and kept in bf16 (:mod:`~hf_instruct_tune.dequantized_base`), no dequantization in the steps.
 
 None of these changes the loss or the gradients: the loss of a step is normalized by the supervised tokens
 of the whole step whatever the micro-batches, checkpointing recomputes the same values, and the fused loss
-is the same cross-entropy. The estimate is calibrated on the peaks that ``train`` measured for a Llama-3-8B
+is the same cross-entropy, and the kept bf16 weights are the ones each step would dequantize. The estimate is calibrated on the peaks that ``train`` measured for a Llama-3-8B
 QLoRA step on an H200 (``BENCHMARKS.md``, "GPU"): within 6% of each at the mean micro-batch, and above each at
 the plan's larger-than-mean micro-batch.
 
@@ -75,6 +77,8 @@ class ModelShape:
     adapter_bytes_per_param: int = 16
     """The adapter's weight, gradient and two Adam moments: 16 bytes in fp32; 8 on a quantized base, where
     ``SFTTrainer`` keeps the adapter in bf16."""
+    dequantized_bytes: int = 0
+    """Bytes of the 4-bit projections' weights dequantized (:func:`~hf_instruct_tune.dequantized_base.dequantized_bytes`)."""
 
     @classmethod
     def of(cls, model, trainable_params: int | None = None) -> ModelShape:
@@ -92,12 +96,14 @@ class ModelShape:
             weights += embedding_bytes
         if trainable_params is None:
             trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        from .dequantized_base import dequantized_bytes
+
         hidden = text.hidden_size
         return cls(layers=text.num_hidden_layers, hidden=hidden,
                    intermediate=getattr(text, "intermediate_size", None) or 4 * hidden,
                    vocab=text.vocab_size, weight_bytes=weights, embedding_bytes=embedding_bytes,
                    trainable_params=trainable_params, quantized_bytes=quantized,
-                   adapter_bytes_per_param=8 if quantized else 16)
+                   adapter_bytes_per_param=8 if quantized else 16, dequantized_bytes=dequantized_bytes(model))
 
     def sharded(self, processes: int, gathered_layers: int | None = None) -> ModelShape:
         """One process's share under FSDP over ``processes``: the sharded weights and the adapter divided among
@@ -153,6 +159,8 @@ class MemoryPlan:
     split_above_tokens: int | None = None
     """A micro-batch with more tokens runs in parts of at most this many (the most that fit the budget with the
     most layers recomputed); None: micro-batches run whole."""
+    dequantized_base: bool = False
+    """The 4-bit base's weights are dequantized once and kept in bf16 (:mod:`~hf_instruct_tune.dequantized_base`)."""
 
     def layers_to_checkpoint(self, tokens: int) -> int:
         """The decoder layers a micro-batch of ``tokens`` tokens recomputes: as few as fit the budget."""
@@ -183,9 +191,10 @@ class MemoryPlan:
         split = ""
         if self.split_above_tokens and (self.micro_batch_tokens or 0) > self.split_above_tokens:
             split = f" (one over {self.split_above_tokens:,} tokens runs in parts)"
+        base = "; 4-bit base dequantized once (bf16 copy kept)" if self.dequantized_base else ""
         return (f"Memory plan: {self.rows_per_step} rows per optimizer step = {self.micro_batch} per micro-batch x "
                 f"{self.grad_accum} accumulated x {self.processes} process{'es' if self.processes > 1 else ''}"
-                f"{split}; {checkpointed}; loss: {loss}; input embeddings on {where}; {memory}")
+                f"{split}; {checkpointed}; loss: {loss}; input embeddings on {where}{base}; {memory}")
 
 
 @dataclass(frozen=True)
@@ -197,6 +206,8 @@ class Fixed:
     embeddings_on_cpu: bool | None = None
     loss_kernel: str | None = None
     """One of :data:`LOSS_KERNELS` (it decides ``fused_loss``)."""
+    dequantized_base: bool | None = None
+    """Keep a 4-bit base dequantized (True), never (False), or when it fits with nothing else traded (None)."""
 
 
 def plan_memory(
@@ -215,6 +226,7 @@ def plan_memory(
     liger_layers: bool = False,
     optimizer_steps: int = 4,
     can_split: bool = False,
+    can_dequantize: bool = False,
 ) -> MemoryPlan:
     """Plan one process's share of each optimizer step (``rows_per_process`` rows) within ``budget_gib``.
 
@@ -236,6 +248,7 @@ def plan_memory(
         can_split: the trainer can run a micro-batch in parts (:mod:`~hf_instruct_tune.micro_batch_split`; one
             process only): the rows per micro-batch then need to hold all but the longest :data:`SPLIT_SHARE` of
             the micro-batches within the budget, and those run in parts (:attr:`MemoryPlan.split_above_tokens`).
+        can_dequantize: a 4-bit base may be kept dequantized when it fits (``fixed.dequantized_base`` None).
     """
     layers = shape.layers
     kernels = _loss_kernels(fixed)
@@ -244,18 +257,20 @@ def plan_memory(
         kernel = kernels[0] if fixed.loss_kernel or fixed.fused_loss is not None else "plain"
         return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro,
                           layers if fixed.checkpointing else 0, layers, kernel != "plain",
-                          bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers, liger_layers, kernel)
+                          bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers, liger_layers, kernel,
+                          dequantized_base=bool(fixed.dequantized_base and shape.dequantized_bytes))
     budget = budget_gib * GIB
     lean_loss = kernels[-1]
     lean_embeddings = (can_offload_embeddings if fixed.embeddings_on_cpu is None else fixed.embeddings_on_cpu)
     checkpoint_choices = ([layers] if fixed.checkpointing else [0] if fixed.checkpointing is False
                           else list(range(layers + 1)))
     most_checkpointed = max(checkpoint_choices)
+    dequantized = bool(fixed.dequantized_base and shape.dequantized_bytes)
 
     def tokens_cost(tokens: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
         return estimate_bytes(shape, tokens=tokens, checkpointed_layers=checkpointed, fused_loss=kernel != "plain",
                               embeddings_on_cpu=on_cpu, compiled_layers=compiled_layers, liger_layers=liger_layers,
-                              loss_kernel=kernel)
+                              loss_kernel=kernel, dequantized_base=dequantized)
 
     largest: dict[tuple[int, int], int] = {}
 
@@ -293,6 +308,10 @@ def plan_memory(
                         most_checkpointed)
     kernel = next((k for k in kernels if cost(micro, checkpointed, k, on_cpu) <= budget), lean_loss)
     estimate = cost(micro, checkpointed, kernel, on_cpu)
+    if (fixed.dequantized_base is None and can_dequantize and shape.dequantized_bytes and checkpointed == 0
+            and kernel == "plain" and not on_cpu and estimate + shape.dequantized_bytes <= budget):
+        dequantized = True  # nothing else is traded for memory, and the kept weights fit too
+        estimate = cost(micro, checkpointed, kernel, on_cpu)
     within = None
     if len(checkpoint_choices) > 1:  # the plan chooses the checkpointed layers: per micro-batch
         within = tuple(_most_tokens(lambda tokens, c=count: tokens_cost(tokens, c, kernel, on_cpu) <= budget)
@@ -303,7 +322,7 @@ def plan_memory(
             lambda tokens: tokens_cost(tokens, most_checkpointed, kernel, on_cpu) <= budget)
     return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro, checkpointed,
                       layers, kernel != "plain", on_cpu, budget_gib, estimate / GIB, budget_source, compiled_layers,
-                      liger_layers, kernel, largest_tokens(micro, 4), within, split_above or None)
+                      liger_layers, kernel, largest_tokens(micro, 4), within, split_above or None, dequantized)
 
 
 def _most_tokens(fits, upper: int = 1 << 24) -> int:
@@ -378,13 +397,14 @@ def _sampler_passes(lengths: list[int], rows: int):
 
 def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, fused_loss: bool,
                    embeddings_on_cpu: bool, compiled_layers: bool = False, liger_layers: bool = False,
-                   loss_kernel: str | None = None) -> float:
+                   loss_kernel: str | None = None, dequantized_base: bool = False) -> float:
     """Peak bytes of one training step on ``tokens`` tokens per micro-batch (bf16 activations).
 
     Compiled layers (``compiled_layers``) that are not checkpointed keep a fifth less for backward (torch.compile
     recomputes cheap elementwise results instead of saving them; a quarter less was measured on Llama-3-8B).
     Layers running Liger's kernels (``liger_layers``) keep each norm's input in bf16 rather than an fp32 copy, and
     the MLP's projections without their activation: two hidden-sized and one MLP-sized value less per token.
+    A base kept dequantized (``dequantized_base``) adds its bf16 weights.
     """
     per_hidden, per_mlp = _KEPT_PER_TOKEN_LIGER if liger_layers else _KEPT_PER_TOKEN
     per_layer = tokens * 2 * (per_hidden * shape.hidden + per_mlp * shape.intermediate)  # a layer's saved tensors
@@ -394,7 +414,8 @@ def estimate_bytes(shape: ModelShape, *, tokens: int, checkpointed_layers: int, 
                                                      else "plain"))
     weights = shape.weight_bytes - (shape.embedding_bytes if embeddings_on_cpu else 0)
     optimizer = shape.trainable_params * shape.adapter_bytes_per_param
-    return weights + optimizer + kept + checkpoints + loss + _OVERHEAD_BYTES
+    dequantized = shape.dequantized_bytes if dequantized_base else 0
+    return weights + dequantized + optimizer + kept + checkpoints + loss + _OVERHEAD_BYTES
 
 
 def loss_bytes(shape: ModelShape, tokens: int, kernel: str) -> float:
@@ -503,10 +524,11 @@ def sampled_row_lengths(dataset, sample_rows: int = 10_000) -> list[int]:
 def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, max_memory: float | None = None,
                      fixed: Fixed = Fixed(), row_lengths: list[int] | None = None,
                      compiled_layers: bool = False, liger_layers: bool = False,
-                     can_split: bool = False) -> MemoryPlan:
+                     can_split: bool = False, can_dequantize: bool = False) -> MemoryPlan:
     """The plan for a Trainer about to train ``model`` on ``dataset`` (``input_ids`` rows) with ``args``.
 
     ``can_split``: the trainer runs a micro-batch over the budget in parts (see :func:`plan_memory`).
+    ``can_dequantize``: a 4-bit base may be kept dequantized (on a CUDA GPU only).
 
     The budget is ``max_memory`` GiB when given, else the free memory of this process's GPU, else none.
     ``row_lengths``: :func:`sampled_row_lengths` of ``dataset``, when already counted.
@@ -537,7 +559,7 @@ def plan_for_trainer(model, args, dataset, *, packed: bool, peft_config=None, ma
         can_offload_embeddings=cuda and not _embeddings_trainable(model, peft_config)
         and not getattr(model.config, "tie_word_embeddings", False), compiled_layers=compiled_layers,
         liger_layers=liger_layers, optimizer_steps=planned_optimizer_steps(args, len(dataset), world_size()),
-        can_split=can_split)
+        can_split=can_split, can_dequantize=can_dequantize and cuda)
 
 
 def planned_optimizer_steps(args, rows: int, processes: int) -> int:

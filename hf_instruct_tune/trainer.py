@@ -85,6 +85,11 @@ class InstructTrainer(SFTTrainer):
             means none), or ``args.gradient_checkpointing`` without a plan.
         offload_embeddings: keep the frozen input-embedding table in CPU memory (True), on the device
             (False), or as the plan decides (None).
+        dequantize_base: keep a 4-bit base's weights dequantized once, in bf16 beside the 4-bit ones
+            (:mod:`hf_instruct_tune.dequantized_base`): the same values each step would dequantize, no
+            dequantization in the steps, the bf16 weights' memory (~13 GiB for Llama-3-8B). None (default): when the
+            memory plan has room for it with no layer recomputed, plain logits and the embeddings on the GPU, on a
+            CUDA GPU, never with Unsloth, FSDP or DeepSpeed.
         prefix_sharing: compute the token prefixes that rows of a micro-batch share once
             (:mod:`hf_instruct_tune.prefix_sharing`): the same loss and gradients, less work. None (default): on
             when the model's attention takes an explicit mask (``sdpa``, ``eager``) or a FlexAttention block mask
@@ -162,6 +167,7 @@ class InstructTrainer(SFTTrainer):
         max_memory: float | None = None,
         gradient_checkpointing: bool | None = None,
         offload_embeddings: bool | None = None,
+        dequantize_base: bool | None = None,
         balance_ranks: bool = True,
         compile_layers: bool | None = None,
         liger_kernels: bool | None = None,
@@ -213,8 +219,8 @@ class InstructTrainer(SFTTrainer):
         self._fused_lora_asked = fused_lora
         self.liger = self._decide_liger(liger_kernels, model, args, compiled_layers=bool(compile_layers))
         self.memory_plan = self._plan_memory(model, args, kwargs.get("peft_config"), memory_plan, max_memory,
-                                             Fixed(gradient_checkpointing, fused_loss, offload_embeddings),
-                                             compile_layers)
+                                             Fixed(gradient_checkpointing, fused_loss, offload_embeddings,
+                                                   dequantized_base=dequantize_base), compile_layers)
         (logger.warning if compile_layers and not self.compilation.compiled else logger.info)(
             self.compilation.describe())
         (logger.warning if liger_kernels and not self.liger.used else logger.info)(self.liger.describe())
@@ -256,6 +262,12 @@ class InstructTrainer(SFTTrainer):
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
             if self.memory_plan.tokens_within_budget is not None:
                 self.checkpoint_switch = CheckpointSwitch(self.model, self.memory_plan)
+        self.dequantized_base = (self.memory_plan.dequantized_base if self.memory_plan is not None
+                                 else bool(dequantize_base))
+        if self.dequantized_base:
+            from .dequantized_base import dequantize_base_once
+
+            self.dequantized_base = dequantize_base_once(self.model) > 0
         self.compile_layers = self.compilation.compiled
         if self.compile_layers:
             compile_decoder_layers(self.model)
@@ -304,9 +316,11 @@ class InstructTrainer(SFTTrainer):
         # accumulated micro-batches. A shared-prefix row cannot be cut: one over the budget is laid out as usual
         # (the collator's ``shared_tokens_limit``)
         can_split = world_size() == 1 and not _deepspeed_wanted(args)
+        # Unsloth runs its own 4-bit kernels; FSDP and DeepSpeed were not measured with a kept bf16 copy
+        can_dequantize = not (_is_unsloth(model) or fsdp_launched() or _deepspeed_wanted(args))
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split,
-                                liger_layers=self.liger.used)
+                                liger_layers=self.liger.used, can_dequantize=can_dequantize)
         # judged at the eager plan's checkpointed layers: planned for compiled layers, as many or fewer are
         # checkpointed, which only adds to what compiling saves
         self.compilation = self._decide_compilation(compile_layers, model, args, lengths,
@@ -314,7 +328,8 @@ class InstructTrainer(SFTTrainer):
         if self.compilation.compiled:
             compiled_plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing,
                                              peft_config=peft_config, max_memory=max_memory, fixed=fixed,
-                                             row_lengths=lengths, compiled_layers=True, can_split=can_split)
+                                             row_lengths=lengths, compiled_layers=True, can_split=can_split,
+                                             can_dequantize=can_dequantize)
             if self.compilation.asked is None and compiled_plan.grad_accum > plan.grad_accum:
                 # more, smaller micro-batches cost more than compiling saves (8 GiB on the 8B bench: 4,994 tok/s
                 # compiled at 8 x 2 against 5,945 eager at 16 x 1)
@@ -650,6 +665,7 @@ class InstructTrainer(SFTTrainer):
             "compile_layers": self.compilation.as_metadata(),
             "liger_kernels": self.liger.as_metadata(),
             "fused_lora": self.fused_lora.as_metadata(),
+            "dequantized_base": self.dequantized_base,
         }
         metadata.training.setdefault("changed", changed_hyperparameters(args))
         history = [{"step": entry["step"], "loss": entry["loss"]} for entry in self.state.log_history if "loss" in entry]

@@ -187,7 +187,7 @@ def _load_model(config: TrainConfig, spec, backend: str):
                          field="loss_kernel")
     if backend == "unsloth" and config.offload_embeddings:
         raise InputError("--offload-embeddings works with --backend transformers only", field="offload_embeddings")
-    for field in ("compile_layers", "liger_kernels", "fused_lora"):
+    for field in ("compile_layers", "liger_kernels", "fused_lora", "dequantize_base"):
         if backend == "unsloth" and getattr(config, field):
             raise InputError(f"--{field.replace('_', '-')} works with --backend transformers only (Unsloth patches "
                              "the layers with its own kernels)", field=field)
@@ -304,6 +304,7 @@ def _build_trainer(config: TrainConfig, model, tokenizer, peft_config, source: D
         memory_plan=planned, max_memory=config.max_memory,
         gradient_checkpointing=config.gradient_checkpointing if planned else None,
         offload_embeddings=(False if fsdp_launched() else config.offload_embeddings) if planned else None,
+        dequantize_base=config.dequantize_base,
         balance_ranks=config.balance_ranks,
         compile_layers=config.compile_layers,
         liger_kernels=config.liger_kernels,

@@ -128,3 +128,5 @@ def test_cli_card_counts_the_run_and_names_changed_options(tmp_path, caplog, mon
     messages = [record.getMessage() for record in caplog.records]
     assert "Warm-up: 0 of 3 steps (5 asked; at most 1/10 of the run)" in messages, messages
     assert seen_args[0].logging_nan_inf_filter is False  # no loss read back in the middle of a step
+    assert seen_args[0].optim == "adamw_torch_fused"  # transformers' default: fewer launches per optimizer step
+    assert "`optim`" not in text  # the default is not a changed option

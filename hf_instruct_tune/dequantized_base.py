@@ -1,0 +1,75 @@
+"""A 4-bit base dequantized once: its bf16 weights kept beside the 4-bit ones, no dequantization in the steps.
+
+A bitsandbytes 4-bit projection dequantizes its weight in every forward pass and again in every backward pass
+(and once more in a recomputed forward). With memory to spare, :func:`dequantize_base_once` does it once and the
+projections multiply by the kept matrices. These are the very values bitsandbytes' dequantization gives, so the
+training is QLoRA's: the 4-bit weights stay the model's weights (the adapter is trained against, saved with and
+merged into them), and only memory and speed change. The memory plan (:mod:`~hf_instruct_tune.memory_plan`) turns
+it on where the kept matrices fit the budget with nothing else traded for memory (no layer recomputed, plain
+logits, the input embeddings on the GPU).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import types
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+BUFFER = "dequantized_weight"
+"""The name of the kept matrix on each 4-bit projection (a non-persistent buffer: never in a state dict)."""
+
+
+def quantized_projections(model) -> list[torch.nn.Module]:
+    """The bitsandbytes 4-bit linear layers of ``model`` (their weight has a quantization state)."""
+    return [module for module in model.modules() if isinstance(module, torch.nn.Linear)
+            and hasattr(module.weight, "quant_state") and module.weight.quant_state is not None]
+
+
+def dequantized_bytes(model) -> int:
+    """Bytes the kept matrices of ``model``'s 4-bit projections would take (0 for a model without any)."""
+    total = 0
+    for module in quantized_projections(model):
+        state = module.weight.quant_state
+        total += math.prod(state.shape) * torch.empty((), dtype=state.dtype).element_size()
+    return total
+
+
+def dequantize_base_once(model) -> int:
+    """Keep each 4-bit projection of ``model`` dequantized and multiply by that (in place). Returns how many.
+
+    A projection whose weight is in bitsandbytes' CPU inference layout is left as it is."""
+    import bitsandbytes.functional as bnb_functional
+
+    count = 0
+    for module in quantized_projections(model):
+        state = module.weight.quant_state
+        if getattr(module, BUFFER, None) is not None or getattr(state, "packing_format_for_cpu", False):
+            continue
+        with torch.no_grad():
+            dense = bnb_functional.dequantize_4bit(module.weight.data, state)
+        module.register_buffer(BUFFER, dense.view(state.shape), persistent=False)
+        module._quantized_forward = module.forward
+        module.forward = types.MethodType(_dequantized_forward, module)
+        count += 1
+    logger.info("4-bit base dequantized once: %d projections", count)
+    return count
+
+
+def dequantized_weight(module) -> torch.Tensor | None:
+    """The kept matrix of a 4-bit projection (``out_features x in_features``), or None."""
+    return getattr(module, BUFFER, None)
+
+
+def _dequantized_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """bitsandbytes' ``Linear4bit.forward`` with the kept matrix in place of a fresh dequantization."""
+    input_dtype = x.dtype
+    if self.compute_dtype is not None:
+        x = x.to(self.compute_dtype)
+    weight = self.dequantized_weight
+    bias = None if self.bias is None else self.bias.to(x.dtype)
+    return torch.nn.functional.linear(x, weight if weight.dtype == x.dtype else weight.to(x.dtype),
+                                      bias).to(input_dtype)
