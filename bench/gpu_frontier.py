@@ -127,15 +127,17 @@ def _short_plan(line: str) -> str:
     """``Memory plan: 16 rows ... = 16 per micro-batch x 1 accumulated ...`` -> ``16 x 1, 32/32 ckpt, fused loss, ...``"""
     match = re.search(r"= (\d+) per micro-batch x (\d+) accumulated .*?; (\d+/\d+) layers checkpointed"
                       r"( \((?:compiled|Liger kernels)\))?( at the largest micro-batch, fewer at shorter ones)?; "
-                      r"loss: ([^;]+); input embeddings on (\w+); estimated peak ([\d.]+)", line)
+                      r"loss: ([^;]+); input embeddings on (\w+)(; 4-bit base dequantized once[^;]*)?; "
+                      r"estimated peak ([\d.]+)", line)
     if not match:
         return line
-    micro, accum, ckpt, compiled, per_micro_batch, loss, where, estimate = match.groups()
+    micro, accum, ckpt, compiled, per_micro_batch, loss, where, dequantized, estimate = match.groups()
     ckpt = f"up to {ckpt}" if per_micro_batch else ckpt
     accum = f"{accum} (the longest in parts)" if "runs in parts" in line else accum
     kernels = {" (compiled)": " (compiled layers)", " (Liger kernels)": " (Liger kernels)"}.get(compiled or "", "")
     return (f"{micro} x {accum}, ckpt {ckpt}{kernels}, "
-            f"{'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}, estimate {estimate} GiB")
+            f"{'fused' if 'fused' in loss else 'plain'} loss, embeddings on {where}"
+            f"{', base dequantized once' if dequantized else ''}, estimate {estimate} GiB")
 
 
 def _cell(result: dict | None) -> str:
@@ -157,7 +159,9 @@ def table(results: list[dict]) -> str:
     runs = []  # (budget, the package's run name, the row's label): default flags, then with --compile-layers
     for budget in BUDGETS:
         label = f"{budget} GiB" if budget else "no limit"
-        runs.append((budget, f"max_memory_{budget}" if budget else "default", label))
+        short_run = f"max_memory_{budget}" if budget else "default"
+        if short_run in package or f"planned_{budget or 'none'}" not in package:
+            runs.append((budget, short_run, label))
         if f"compiled_{budget or 'none'}" in package:
             runs.append((budget, f"compiled_{budget or 'none'}", f"{label}, compiled layers"))
         planned = package.get(f"planned_{budget or 'none'}")
