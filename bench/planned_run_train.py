@@ -6,7 +6,10 @@ steps would only ever see a short run's decisions. Here the command line is the 
 planned length, and the run stops after ``BENCH_STOP_AFTER`` optimizer steps (the Trainer's own
 ``should_training_stop``: the adapter and ``hf_instruct_tune.json`` are written as at any run's end, with the
 tokens/s of the steps after warm-up). At exit it prints the seconds torch.compile spent by phase, if it ran.
-With ``BENCH_PROFILE_STEPS`` set it profiles that window too, as bench/profiled_train.py does. `bench/gpu_frontier.py
+With ``BENCH_PROFILE_STEPS`` set it profiles that window too, as bench/profiled_train.py does. With
+``BENCH_ACTIVATION_MEMORY_BUDGET`` (0-1) set, compiled layers are partitioned under torch's activation memory
+budget (``torch._functorch.config.activation_memory_budget``: below 1, the compiled backward recomputes the
+cheapest of what it would keep). `bench/gpu_frontier.py
 cli` runs it in place of the CLI when ``BENCH_PLANNED_STEPS`` is set.
 """
 
@@ -41,6 +44,10 @@ def print_compile_times() -> None:
 if __name__ == "__main__":
     from profiled_train import install  # this script's folder is first on sys.path
 
+    if os.environ.get("BENCH_ACTIVATION_MEMORY_BUDGET"):
+        import torch._functorch.config
+
+        torch._functorch.config.activation_memory_budget = float(os.environ["BENCH_ACTIVATION_MEMORY_BUDGET"])
     stop_after = int(os.environ["BENCH_STOP_AFTER"])
     install(lambda: _stopping_callback(stop_after))
     if os.environ.get("BENCH_PROFILE_STEPS"):
