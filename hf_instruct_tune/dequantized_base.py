@@ -6,11 +6,13 @@ projections multiply by the kept matrices. These are the very values bitsandbyte
 training is QLoRA's: the 4-bit weights stay the model's weights (the adapter is trained against, saved with and
 merged into them), and only memory and speed change. The memory plan (:mod:`~hf_instruct_tune.memory_plan`) turns
 it on where the kept matrices fit the budget with nothing else traded for memory (no layer recomputed, plain
-logits, the input embeddings on the GPU).
+logits, the input embeddings on the GPU); ``InstructTrainer.train`` keeps them for its duration only
+(:func:`kept_dequantized`), so their memory is freed when training ends.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import types
@@ -57,6 +59,33 @@ def dequantize_base_once(model) -> int:
         count += 1
     logger.info("4-bit base dequantized once: %d projections", count)
     return count
+
+
+def restore_quantized(model) -> int:
+    """Undo :func:`dequantize_base_once`: drop the kept matrices (their memory is freed) and let the projections
+    dequantize as bitsandbytes does. Returns how many were restored."""
+    count = 0
+    for module in quantized_projections(model):
+        if getattr(module, "_quantized_forward", None) is None:
+            continue
+        del module._buffers[BUFFER]
+        module.forward = module._quantized_forward
+        del module._quantized_forward
+        count += 1
+    return count
+
+
+@contextlib.contextmanager
+def kept_dequantized(model, keep: bool = True):
+    """Keep ``model``'s 4-bit base dequantized inside the block (when ``keep``), and only there."""
+    if not keep:
+        yield 0
+        return
+    count = dequantize_base_once(model)
+    try:
+        yield count
+    finally:
+        restore_quantized(model)
 
 
 def dequantized_weight(module) -> torch.Tensor | None:

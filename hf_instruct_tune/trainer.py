@@ -262,12 +262,10 @@ class InstructTrainer(SFTTrainer):
             apply_checkpointing(self.model, self.memory_plan.checkpointed_layers)
             if self.memory_plan.tokens_within_budget is not None:
                 self.checkpoint_switch = CheckpointSwitch(self.model, self.memory_plan)
-        self.dequantized_base = (self.memory_plan.dequantized_base if self.memory_plan is not None
-                                 else bool(dequantize_base))
-        if self.dequantized_base:
-            from .dequantized_base import dequantize_base_once
+        from .dequantized_base import quantized_projections
 
-            self.dequantized_base = dequantize_base_once(self.model) > 0
+        self.dequantized_base = bool(self.memory_plan.dequantized_base if self.memory_plan is not None
+                                     else dequantize_base) and bool(quantized_projections(self.model))
         self.compile_layers = self.compilation.compiled
         if self.compile_layers:
             compile_decoder_layers(self.model)
@@ -395,8 +393,12 @@ class InstructTrainer(SFTTrainer):
 
     def train(self, *args: Any, **kwargs: Any):
         """``Trainer.train``; with ``fused_loss`` the ``lm_head`` is swapped out for its duration only. Under autocast
-        the LoRA layers take their inputs uncast (:mod:`.adapter_casts`) for its duration only."""
-        with adapter_inputs_uncast(self.model, autocast=bool(getattr(self.accelerator, "native_amp", False))):
+        the LoRA layers take their inputs uncast (:mod:`.adapter_casts`) for its duration only, and a 4-bit base
+        kept dequantized (``dequantize_base``) is so for its duration only: its memory is freed at the end."""
+        from .dequantized_base import kept_dequantized
+
+        with kept_dequantized(self.model, self.dequantized_base), \
+                adapter_inputs_uncast(self.model, autocast=bool(getattr(self.accelerator, "native_amp", False))):
             if not self.fused_loss:
                 result = super().train(*args, **kwargs)
             else:

@@ -15,8 +15,9 @@ from test_fused_lora import _fused_copy, _lora_model, _loss_and_grads
 from test_memory_plan import LLAMA3_8B_NF4, _plan
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import TrainerCallback
 
-from hf_instruct_tune.dequantized_base import BUFFER, dequantize_base_once, dequantized_bytes
+from hf_instruct_tune.dequantized_base import BUFFER, dequantize_base_once, dequantized_bytes, restore_quantized
 from hf_instruct_tune.memory_plan import GIB, Fixed
 from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -46,6 +47,19 @@ class _BitsandbytesOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += func.namespace == "bitsandbytes"
         return func(*args, **(kwargs or {}))
+
+
+class _CountedSteps(TrainerCallback):
+    """Runs each optimizer step under ``counter`` (a TorchDispatchMode), and nothing between steps."""
+
+    def __init__(self, counter):
+        self.counter = counter
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.counter.__enter__()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.counter.__exit__(None, None, None)
 
 
 def test_kept_weights_give_bitsandbytes_loss_and_gradients(tmp_path):
@@ -91,9 +105,13 @@ def test_kept_weights_are_in_no_state_dict_and_counted_before_they_exist(tmp_pat
     assert len(kept) == 14 and all(buffer.dtype == torch.bfloat16 for buffer in kept)
     assert counted == sum(buffer.numel() * buffer.element_size() for buffer in kept)
     assert set(model.state_dict()) == keys
+    assert restore_quantized(model) == 14 and not any(name.endswith(BUFFER) for name, _ in model.named_buffers())
+    with _BitsandbytesOps() as ops:
+        model(input_ids=torch.tensor([[5, 17, 42]]))
+    assert ops.count > 0  # bitsandbytes' own forward again
 
 
-def test_the_trainer_trains_alike_over_kept_weights_and_saves_only_the_adapter(tmp_path, monkeypatch):
+def test_the_trainer_trains_over_kept_weights_alike_frees_them_and_saves_only_the_adapter(tmp_path, monkeypatch):
     import hf_instruct_tune.testing.tiny as tiny
 
     monkeypatch.setattr(tiny, "build_tiny_model", lambda tok, **kwargs: _quantized_base(
@@ -103,9 +121,14 @@ def test_the_trainer_trains_alike_over_kept_weights_and_saves_only_the_adapter(t
                                     config={"bf16": True}) for kept in (False, True)}
     monkeypatch.undo()
     assert not runs[False].dequantized_base and runs[True].dequantized_base
-    for trainer in runs.values():
+    operators = {}
+    for kept, trainer in runs.items():
+        trainer.add_callback(_CountedSteps(counter := _BitsandbytesOps()))
         trainer.train()
+        operators[kept] = counter.count
+    assert operators[True] == 0 < operators[False]  # the kept weights, not bitsandbytes, in every step
     assert_close(torch.tensor(logged_losses(runs[True])), torch.tensor(logged_losses(runs[False])), rtol=0, atol=0)
+    assert not any(name.endswith(BUFFER) for name, _ in runs[True].model.named_buffers())  # freed after training
     runs[True].save_model(str(tmp_path / "saved"))
     saved = json.loads((tmp_path / "saved" / "hf_instruct_tune.json").read_text())["training"]
     assert saved["dequantized_base"] is True
