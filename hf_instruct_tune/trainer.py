@@ -538,34 +538,34 @@ class InstructTrainer(SFTTrainer):
         """The fused loss's kernel: the one given, else its own choice (Cut Cross-Entropy where it runs)."""
         return self.loss_kernel if self.loss_kernel in ("chunked", "cce") else "auto"
 
-    def _shared_prefix_loss(self, model, inputs, return_outputs, num_items_in_batch):
+    def _loss_options(self, num_items_in_batch) -> dict:
+        """What the package's own losses take besides the model and the batch: the head (None: the model's own),
+        the logit softcap, the normalization over the step's supervised tokens and processes, the fused kernel."""
         scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
         config = getattr(self.model, "config", None)
-        loss, outputs = shared_prefix_loss(
-            model, inputs, head=self._lm_head[2] if self._lm_head is not None else None,
-            softcap=getattr(config, "final_logit_softcapping", None), num_items_in_batch=num_items_in_batch,
-            num_processes=scale if num_items_in_batch is not None else 1, stats=self.sharing_stats,
-            implementation=self._fused_implementation)
-        if self.model.training and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
+        return {"head": self._lm_head[2] if self._lm_head is not None else None,
+                "softcap": getattr(config, "final_logit_softcapping", None),
+                "num_items_in_batch": num_items_in_batch,
+                "num_processes": scale if num_items_in_batch is not None else 1,
+                "implementation": self._fused_implementation}
+
+    def _count_train_tokens(self, inputs) -> None:
+        """TRL's ``num_tokens`` metric, for a training batch whose loss the package computed."""
+        if self.model.training and hasattr(self, "_total_train_tokens"):
             self._total_train_tokens += self._summed_over_processes(inputs["input_ids"].numel(),
                                                                     inputs["input_ids"].device)
             self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+    def _shared_prefix_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        loss, outputs = shared_prefix_loss(model, inputs, stats=self.sharing_stats,
+                                           **self._loss_options(num_items_in_batch))
+        self._count_train_tokens(inputs)
         return (loss, outputs) if return_outputs else loss
 
     def _supervised_positions_loss(self, model, inputs, return_outputs, num_items_in_batch):
-        scale = self.accelerator.num_processes if self.args.average_tokens_across_devices else 1
-        config = getattr(self.model, "config", None)
-        mode = "train" if self.model.training else "eval"
-        metrics = self._metrics[mode] if hasattr(self, "_metrics") else None
-        tokens = inputs["input_ids"].numel()
-        loss, outputs = positions_loss(
-            model, inputs, head=self._lm_head[2] if self._lm_head is not None else None,
-            softcap=getattr(config, "final_logit_softcapping", None), num_items_in_batch=num_items_in_batch,
-            num_processes=scale if num_items_in_batch is not None else 1, implementation=self._fused_implementation,
-            metrics=metrics)
-        if mode == "train" and hasattr(self, "_total_train_tokens"):  # TRL's `num_tokens` metric
-            self._total_train_tokens += self._summed_over_processes(tokens, inputs["input_ids"].device)
-            self._metrics[mode]["num_tokens"] = [self._total_train_tokens]
+        metrics = self._metrics["train" if self.model.training else "eval"] if hasattr(self, "_metrics") else None
+        loss, outputs = positions_loss(model, inputs, metrics=metrics, **self._loss_options(num_items_in_batch))
+        self._count_train_tokens(inputs)
         return (loss, outputs) if return_outputs else loss
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
