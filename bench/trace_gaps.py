@@ -2,7 +2,9 @@
 
 A gap is a stretch of the window in which no kernel, copy or fill ran on any stream. Each gap is charged to the
 kernel that ended it: "launched late" when the CPU launched that kernel during the gap (the GPU had run out of
-queued work), "queued" when it was launched before (the GPU waited on something else: an event, another stream).
+queued work), "queued" when it was launched before (the GPU waited on something else: an event, another stream),
+"unmatched" when the trace holds no launch for it. Launches are the CUDA runtime's and the driver's (Triton's
+kernels are launched through ``cuLaunchKernelEx``).
 A late launch is charged to the CPU operators enclosing it (the innermost three, and the phase: forward, backward,
 optimizer); the host-device synchronizations of the window (``cudaStreamSynchronize``, blocking copies) are listed
 with their enclosing operators, since each one empties the GPU's queue.
@@ -18,6 +20,7 @@ import sys
 from collections import defaultdict
 
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+LAUNCH_CATEGORIES = ("cuda_runtime", "cuda_driver")
 SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy",
               "cudaMemcpyAsync")
 MIN_GAP_US = 5.0
@@ -53,7 +56,7 @@ class _Stacks:
 def analyze(trace: dict, steps: int = 1) -> dict:
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     device = sorted((e for e in events if e.get("cat") in DEVICE_CATEGORIES), key=lambda e: e["ts"])
-    runtime = [e for e in events if e.get("cat") == "cuda_runtime"]
+    runtime = [e for e in events if e.get("cat") in LAUNCH_CATEGORIES]
     ops = [e for e in events if e.get("cat") == "cpu_op"]
     if not device:
         return {"error": "no device events in the trace"}
@@ -72,11 +75,14 @@ def analyze(trace: dict, steps: int = 1) -> dict:
 
     by_site: dict = defaultdict(lambda: [0.0, 0])
     by_phase: dict = defaultdict(float)
-    late = queued = 0.0
+    late = queued = unmatched = 0.0
     for gap_start, gap_end, event in gaps:
         length = gap_end - gap_start
         launch = launches.get(event.get("args", {}).get("correlation"))
-        if launch is None or launch["ts"] < gap_start:
+        if launch is None:
+            unmatched += length
+            site = ("unmatched", event["name"][:60])
+        elif launch["ts"] < gap_start:
             queued += length
             site = ("queued", event["name"][:60])
         else:
@@ -100,6 +106,7 @@ def analyze(trace: dict, steps: int = 1) -> dict:
         "steps": steps, "window_ms_per_step": per_step(window), "busy_ms_per_step": per_step(busy),
         "idle_ms_per_step": per_step(window - busy), "gaps_per_step": len(gaps) // steps,
         "late_launch_idle_ms_per_step": per_step(late), "queued_idle_ms_per_step": per_step(queued),
+        "unmatched_idle_ms_per_step": per_step(unmatched),
         "late_launch_idle_by_phase_ms": {k: per_step(v) for k, v in sorted(by_phase.items(), key=lambda kv: -kv[1])},
         "top_idle_sites": [(phase, site, per_step(total), count // steps or count)
                            for (phase, site), (total, count) in sorted(by_site.items(), key=lambda kv: -kv[1][0])[:25]],
