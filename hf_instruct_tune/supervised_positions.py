@@ -51,12 +51,44 @@ def positions_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, soft
                                                 num_items_in_batch=num_items_in_batch, num_processes=num_processes,
                                                 implementation=implementation, all_supervised=True)
     else:
-        logits = chosen.float()
-        total = F.cross_entropy(logits, targets, reduction="sum")
+        total = ChunkedCrossEntropy.apply(chosen, targets)
         loss = losses.normalized_loss(total, targets, num_items_in_batch, num_processes)
         if metrics is not None:
-            _record_metrics(logits.detach(), targets, metrics)
+            _record_metrics(chosen.detach(), targets, metrics)
     return loss, outputs
+
+
+class ChunkedCrossEntropy(torch.autograd.Function):
+    """The summed cross-entropy of ``logits`` ``[N, vocab]`` (every target supervised), in fp32 ``CHUNK`` rows at a
+    time, keeping only the logits for backward.
+
+    ``F.cross_entropy(logits.float(), ...)`` keeps an fp32 log-softmax of every row for backward and makes fp32
+    gradients of all of them at once: for bf16 logits, several times their memory. Here forward and backward each
+    hold one chunk's fp32 values; backward recomputes the chunk's softmax from the logits. The same arithmetic row
+    by row (fp32 from the same logits), so the same loss and gradients up to the order of the sum.
+    """
+
+    CHUNK = 1024
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+        for start in range(0, logits.shape[0], ChunkedCrossEntropy.CHUNK):
+            stop = start + ChunkedCrossEntropy.CHUNK
+            total += F.cross_entropy(logits[start:stop].float(), targets[start:stop], reduction="sum")
+        ctx.save_for_backward(logits, targets)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        logits, targets = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for start in range(0, logits.shape[0], ChunkedCrossEntropy.CHUNK):
+            stop = start + ChunkedCrossEntropy.CHUNK
+            part = logits[start:stop].float().softmax(-1)
+            part.scatter_add_(1, targets[start:stop].unsqueeze(1), part.new_full((part.shape[0], 1), -1.0))
+            grad[start:stop] = part.mul_(grad_total)
+        return grad, None
 
 
 @torch.no_grad()
@@ -64,10 +96,10 @@ def _record_metrics(logits: torch.Tensor, targets: torch.Tensor, metrics: dict[s
                     chunk: int = 1024) -> None:
     """TRL's ``entropy`` and ``mean_token_accuracy`` of the supervised predictions, as 0-dim tensors (computed
     ``chunk`` rows at a time, so that they hold little memory beside the logits)."""
-    entropy = logits.new_zeros(())
+    entropy = torch.zeros((), dtype=torch.float32, device=logits.device)
     correct = torch.zeros((), dtype=torch.long, device=logits.device)
     for start in range(0, logits.shape[0], chunk):
-        part = logits[start:start + chunk]
+        part = logits[start:start + chunk].float()
         log_probs = part.log_softmax(-1)
         entropy += -(log_probs.exp() * log_probs).sum()
         correct += (part.argmax(-1) == targets[start:start + chunk]).sum()

@@ -163,3 +163,27 @@ def test_the_parts_of_a_cut_micro_batch_list_their_own_positions():
         assert part[KEY].tolist() == supervised_positions(part["labels"]).tolist()
     whole = batch["labels"][0, 1:][batch[KEY][0]].tolist()
     assert [t for part in parts for t in part["labels"][0, 1:][part[KEY][0]].tolist()] == whole
+
+
+def test_the_plain_loss_in_chunks_is_the_whole_rows_and_keeps_no_fp32_logits(monkeypatch):
+    from hf_instruct_tune.supervised_positions import ChunkedCrossEntropy
+
+    monkeypatch.setattr(ChunkedCrossEntropy, "CHUNK", 3)  # the batch's 8 positions in three chunks
+    model = _tiny_model()
+    batch = _packed(supervised_positions=True)
+    expected_loss = model(**{k: v for k, v in batch.items() if k != KEY}).loss
+    expected_loss.backward()
+    expected_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss, _ = positions_loss(model, dict(batch))
+    loss.backward()
+    assert_close(loss, expected_loss, rtol=1e-5, atol=1e-6)
+    for grad, expected in zip((p.grad for p in model.parameters()), expected_grads):
+        assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+    model = model.to(torch.bfloat16)
+    vocab = model.config.vocab_size
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append((t.dtype, t.shape)) or t, lambda t: t):
+        positions_loss(model, dict(batch))
+    assert saved and not [shape for dtype, shape in saved if dtype == torch.float32 and shape[-1:] == (vocab,)]
