@@ -90,7 +90,7 @@ class TrainConfig:
     dequantize_base: bool | None = field(default=None, metadata=_help(
         "With --load-in-4bit: dequantize the base's weights once and keep them in bf16 beside the 4-bit ones, so "
         "no step dequantizes (the same numbers; ~13 GiB more on Llama-3-8B). Default: when the memory plan has "
-        "room with nothing else traded for memory, on a CUDA GPU."))
+        "room with nothing else traded for memory, on a CUDA GPU in one process."))
     memory_plan: bool = field(default=True, metadata=_help(
         "Plan each step from the memory budget: rows per micro-batch (--batch-size x --grad-accum rows per step "
         "stay the same), layers checkpointed, loss kernel, embeddings' place; logged in one line. On with a CUDA "

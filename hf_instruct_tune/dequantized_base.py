@@ -46,8 +46,10 @@ def dequantize_base_once(model) -> int:
     A projection whose weight is in bitsandbytes' CPU inference layout is left as it is."""
     import bitsandbytes.functional as bnb_functional
 
-    count = 0
-    for module in quantized_projections(model):
+    projections, kept = set(quantized_projections(model)), []
+    for name, module in model.named_modules():
+        if module not in projections:
+            continue
         state = module.weight.quant_state
         if getattr(module, BUFFER, None) is not None or getattr(state, "packing_format_for_cpu", False):
             continue
@@ -56,9 +58,12 @@ def dequantize_base_once(model) -> int:
         module.register_buffer(BUFFER, dense.view(state.shape), persistent=False)
         module._quantized_forward = module.forward
         module.forward = types.MethodType(_dequantized_forward, module)
-        count += 1
-    logger.info("4-bit base dequantized once: %d projections", count)
-    return count
+        kept.append(f"{name}.{BUFFER}" if name else BUFFER)
+    # DistributedDataParallel would broadcast every buffer from rank 0 before each forward: each process
+    # dequantizes its own copy, the same values
+    model._ddp_params_and_buffers_to_ignore = [*getattr(model, "_ddp_params_and_buffers_to_ignore", ()), *kept]
+    logger.info("4-bit base dequantized once: %d projections", len(kept))
+    return len(kept)
 
 
 def restore_quantized(model) -> int:
@@ -72,6 +77,9 @@ def restore_quantized(model) -> int:
         module.forward = module._quantized_forward
         del module._quantized_forward
         count += 1
+    if hasattr(model, "_ddp_params_and_buffers_to_ignore"):
+        model._ddp_params_and_buffers_to_ignore = [
+            name for name in model._ddp_params_and_buffers_to_ignore if not name.endswith(BUFFER)]
     return count
 
 

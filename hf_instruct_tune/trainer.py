@@ -89,7 +89,7 @@ class InstructTrainer(SFTTrainer):
             (:mod:`hf_instruct_tune.dequantized_base`): the same values each step would dequantize, no
             dequantization in the steps, the bf16 weights' memory (~13 GiB for Llama-3-8B). None (default): when the
             memory plan has room for it with no layer recomputed, plain logits and the embeddings on the GPU, on a
-            CUDA GPU, never with Unsloth, FSDP or DeepSpeed.
+            CUDA GPU in one process, never with Unsloth.
         prefix_sharing: compute the token prefixes that rows of a micro-batch share once
             (:mod:`hf_instruct_tune.prefix_sharing`): the same loss and gradients, less work. None (default): on
             when the model's attention takes an explicit mask (``sdpa``, ``eager``) or a FlexAttention block mask
@@ -314,8 +314,9 @@ class InstructTrainer(SFTTrainer):
         # accumulated micro-batches. A shared-prefix row cannot be cut: one over the budget is laid out as usual
         # (the collator's ``shared_tokens_limit``)
         can_split = world_size() == 1 and not _deepspeed_wanted(args)
-        # Unsloth runs its own 4-bit kernels; FSDP and DeepSpeed were not measured with a kept bf16 copy
-        can_dequantize = not (_is_unsloth(model) or fsdp_launched() or _deepspeed_wanted(args))
+        # Unsloth runs its own 4-bit kernels; several processes (DDP, FSDP, DeepSpeed) were not measured with a kept
+        # bf16 copy
+        can_dequantize = world_size() == 1 and not (_is_unsloth(model) or _deepspeed_wanted(args))
         plan = plan_for_trainer(model, args, self.train_data.dataset, packed=self.packing, peft_config=peft_config,
                                 max_memory=max_memory, fixed=fixed, row_lengths=lengths, can_split=can_split,
                                 liger_layers=self.liger.used, can_dequantize=can_dequantize)

@@ -177,3 +177,24 @@ def test_asked_for_the_plan_counts_the_kept_weights_first(monkeypatch):
     assert asked.checkpointed_layers > plain.checkpointed_layers  # the kept weights' memory comes from recompute
     assert not _keepable_plan(139, fixed=Fixed(dequantized_base=False), can_dequantize=True).dequantized_base
     assert not _plan(139, fixed=Fixed(dequantized_base=True)).dequantized_base  # no 4-bit base: nothing to keep
+
+
+def test_ddp_leaves_the_kept_weights_to_each_process(tmp_path):
+    """DDP broadcasts every buffer from rank 0 before each forward; 13 GiB a forward for values each process has."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = _lora_model(base=_quantized_base(tmp_path))
+    dequantize_base_once(model)
+    names = {name for name, _ in model.named_buffers() if name.endswith(BUFFER)}
+    assert len(names) == 14
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        wrapped = DistributedDataParallel(model)
+        assert names <= wrapped.parameters_to_ignore
+        kept = {id(buffer) for name, buffer in model.named_buffers() if name.endswith(BUFFER)}
+        assert wrapped.modules_buffers and not kept & {id(buffer) for buffer in wrapped.modules_buffers}
+    finally:
+        dist.destroy_process_group()
+    restore_quantized(model)
+    assert not [name for name in model._ddp_params_and_buffers_to_ignore if name.endswith(BUFFER)]
