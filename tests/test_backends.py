@@ -52,7 +52,7 @@ def test_fused_loss_with_auto_backend_is_not_refused(monkeypatch):
         _load_model(TrainConfig(fused_loss=True, backend="unsloth"), spec=None, backend="unsloth")
 
 
-@pytest.mark.parametrize("field", ["compile_layers", "liger_kernels", "fused_lora"])
+@pytest.mark.parametrize("field", ["compile_layers", "liger_kernels", "fused_lora", "dequantize_base"])
 def test_layer_kernels_asked_with_unsloth_are_refused(field):
     """Unsloth patches the layers with its own kernels: compiled layers, Liger's or fused LoRA asked with it are an
     error."""
