@@ -43,3 +43,47 @@ def test_a_run_writes_each_steps_seconds_and_tokens(tmp_path):
     assert len(results["step_tokens"]) == 3 and sum(results["step_tokens"]) == trainer.throughput.tokens > 0
     assert len(results["step_seconds"]) == 2 and all(s > 0 for s in results["step_seconds"])
     assert results["step_peak_memory_gib"] == []  # CPU: no GPU memory to record
+
+
+class _FakeEvent:
+    """A CUDA timing event stamped from a fake GPU clock (milliseconds)."""
+
+    clock_ms = 0.0
+    waited: list = []
+
+    def __init__(self):
+        self.at = _FakeEvent.clock_ms
+
+    def synchronize(self):
+        _FakeEvent.waited.append(self)
+
+    def elapsed_time(self, later):
+        return later.at - self.at
+
+
+def test_on_a_gpu_no_step_waits_for_the_gpu_and_the_rate_is_the_gpus_time_line(monkeypatch):
+    import hf_instruct_tune.throughput as throughput
+    from hf_instruct_tune.throughput import RECORDED_STEPS
+
+    def synchronize():
+        raise AssertionError("a step waited for the GPU")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 3 * 2**30)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
+    monkeypatch.setattr(throughput, "_recorded_event", _FakeEvent)
+    monkeypatch.setattr(_FakeEvent, "waited", [])
+    meter = Throughput()
+    meter.on_train_begin(None, None, None)
+    steps = RECORDED_STEPS + 50
+    for step in range(1, steps + 1):
+        meter.tokens += 100
+        _FakeEvent.clock_ms += 500.0  # each step takes half a second on the GPU
+        meter.on_step_end(None, None, None)
+        assert len(meter._events) <= RECORDED_STEPS + 1
+    assert _FakeEvent.waited == []  # nothing read until the rate is asked for
+    assert meter.tokens_per_second() == 200.0
+    assert len(_FakeEvent.waited) == 1  # the last stamp only
+    assert meter.step_seconds()[:3] == [0.5, 0.5, 0.5] and len(meter.step_seconds()) == RECORDED_STEPS - 1
+    assert meter.timed_tokens() == 100 * (steps - 5) and meter.peak_memory_gib() == 3.0  # after the 5th step
