@@ -22,7 +22,7 @@ A batch built here holds:
   node) and ``tree_ancestors`` ``[n, n]`` bool (``[d, a]``: node ``a`` is node ``d`` or one of its ancestors),
 * ``loss_positions`` ``[1, N]`` and ``labels`` = ``shift_labels`` ``[1, N]``: the N supervised predictions
   (transformers counts ``shift_labels`` for the loss normalization across gradient accumulation),
-* ``rows`` and ``row_tokens`` (scalars: the rows and the tokens they hold), ``use_cache=False``.
+* ``rows`` and ``row_tokens`` (Python ints: the rows and the tokens they hold), ``use_cache=False``.
 
 On a GPU the attention is block-sparse: with ``torch_varlen`` (the package's attention, see
 :mod:`hf_instruct_tune.packing`) or transformers' ``flex_attention``, :func:`shared_prefix_loss` turns the
@@ -145,8 +145,8 @@ def share_prefixes(features: Sequence[Mapping[str, Sequence[int]]], tree: Prefix
         "loss_positions": torch.tensor([positions], dtype=torch.long),
         "labels": targets_tensor,
         "shift_labels": targets_tensor,
-        "rows": torch.tensor(len(rows)),
-        "row_tokens": torch.tensor(sum(map(len, rows))),
+        "rows": len(rows),  # ints, not tensors: moved to the GPU, reading them back would wait for the queue
+        "row_tokens": sum(map(len, rows)),
         "use_cache": False,
     }
 

@@ -376,3 +376,19 @@ def test_smollm2_seed_rows_shared_equal_separate():
         assert_close(shared_grads[name], grad, rtol=1e-3, atol=1e-6, msg=name)
     leaky_loss, _ = _shared(model, _leaky(batch))
     assert not torch.allclose(leaky_loss, loss.detach(), rtol=1e-3)
+
+
+def test_a_shared_prefix_training_step_reads_nothing_back(tmp_path):
+    """On a GPU each value read back makes the CPU wait for the queued work before it can queue more."""
+    from test_supervised_positions import ReadBacks
+
+    from helpers import sentiment_rows, tiny_lora_trainer
+
+    trainer = tiny_lora_trainer(tmp_path, sentiment_rows(16), num_layers=2, max_steps=1,
+                                config={"padding_free": True}, prefix_sharing=True)
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert "loss_positions" in batch  # the rows share their prompt's prefix
+    trainer.model.train()
+    with ReadBacks() as mode:
+        trainer.training_step(trainer.model, dict(batch), torch.tensor(10))
+    assert mode.seen == []

@@ -11,7 +11,7 @@ def test_real_tokens_are_the_tokens_the_rows_hold():
     assert meter.tokens == 13  # a packed row: every token is real
     # A prefix-shared micro-batch computes 9 tokens (one 5-token prefix, two 2-token rests) for rows of 7 + 7.
     meter.count({"input_ids": torch.ones(1, 9, dtype=torch.long), "attention_mask": torch.ones(1, 1, 9, 9),
-                 "row_tokens": torch.tensor(14), "rows": torch.tensor(2)})
+                 "row_tokens": 14, "rows": 2})
     assert meter.tokens == 27
 
 
