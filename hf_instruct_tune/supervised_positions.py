@@ -17,7 +17,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from . import loss as losses
 from .loss import IGNORE_INDEX
@@ -51,16 +50,20 @@ def positions_loss(model: Any, inputs: dict[str, Any], *, head: Any = None, soft
                                                 num_items_in_batch=num_items_in_batch, num_processes=num_processes,
                                                 implementation=implementation, all_supervised=True)
     else:
-        total = ChunkedCrossEntropy.apply(chosen, targets)
+        total, entropy, correct = ChunkedCrossEntropy.apply(chosen, targets, metrics is not None)
         loss = losses.normalized_loss(total, targets, num_items_in_batch, num_processes)
-        if metrics is not None:
-            _record_metrics(chosen.detach(), targets, metrics)
+        if metrics is not None:  # TRL's, as 0-dim tensors read when logged
+            count = max(targets.numel(), 1)
+            metrics["entropy"].append(entropy / count)
+            metrics["mean_token_accuracy"].append(correct / count)
     return loss, outputs
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """The summed cross-entropy of ``logits`` ``[N, vocab]`` (every target supervised), in fp32 ``CHUNK`` rows at a
-    time, keeping only the logits for backward.
+    time, keeping only the logits for backward; with ``with_metrics``, from the same log-softmax, the summed
+    entropy of the predictions and the count of targets predicted (TRL's ``entropy`` and ``mean_token_accuracy``),
+    else two zeros.
 
     ``F.cross_entropy(logits.float(), ...)`` keeps an fp32 log-softmax of every row for backward and makes fp32
     gradients of all of them at once: for bf16 logits, several times their memory. Here forward and backward each
@@ -71,16 +74,22 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     CHUNK = 1024
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, with_metrics: bool = False):
+        total, entropy = (torch.zeros((), dtype=torch.float32, device=logits.device) for _ in range(2))
+        correct = torch.zeros((), dtype=torch.long, device=logits.device)
         for start in range(0, logits.shape[0], ChunkedCrossEntropy.CHUNK):
             stop = start + ChunkedCrossEntropy.CHUNK
-            total += F.cross_entropy(logits[start:stop].float(), targets[start:stop], reduction="sum")
+            log_probs = logits[start:stop].float().log_softmax(-1)
+            total -= log_probs.gather(1, targets[start:stop].unsqueeze(1)).sum()
+            if with_metrics:
+                entropy -= (log_probs.exp() * log_probs).sum()
+                correct += (log_probs.argmax(-1) == targets[start:stop]).sum()
         ctx.save_for_backward(logits, targets)
-        return total
+        ctx.mark_non_differentiable(entropy, correct)
+        return total, entropy, correct
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
+    def backward(ctx, grad_total: torch.Tensor, _entropy, _correct):
         logits, targets = ctx.saved_tensors
         grad = torch.empty_like(logits)
         for start in range(0, logits.shape[0], ChunkedCrossEntropy.CHUNK):
@@ -88,24 +97,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             part = logits[start:stop].float().softmax(-1)
             part.scatter_add_(1, targets[start:stop].unsqueeze(1), part.new_full((part.shape[0], 1), -1.0))
             grad[start:stop] = part.mul_(grad_total)
-        return grad, None
-
-
-@torch.no_grad()
-def _record_metrics(logits: torch.Tensor, targets: torch.Tensor, metrics: dict[str, list],
-                    chunk: int = 1024) -> None:
-    """TRL's ``entropy`` and ``mean_token_accuracy`` of the supervised predictions, as 0-dim tensors (computed
-    ``chunk`` rows at a time, so that they hold little memory beside the logits)."""
-    entropy = torch.zeros((), dtype=torch.float32, device=logits.device)
-    correct = torch.zeros((), dtype=torch.long, device=logits.device)
-    for start in range(0, logits.shape[0], chunk):
-        part = logits[start:start + chunk].float()
-        log_probs = part.log_softmax(-1)
-        entropy += -(log_probs.exp() * log_probs).sum()
-        correct += (part.argmax(-1) == targets[start:start + chunk]).sum()
-    count = max(targets.numel(), 1)
-    metrics["entropy"].append(entropy / count)
-    metrics["mean_token_accuracy"].append(correct / count)
+        return grad, None, None
 
 
 def read_metrics(metrics: dict[str, list]) -> None:
