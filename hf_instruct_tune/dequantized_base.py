@@ -27,17 +27,19 @@ BUFFER = "dequantized_weight"
 
 def quantized_projections(model) -> list[torch.nn.Module]:
     """The bitsandbytes 4-bit linear layers of ``model`` (their weight has a quantization state)."""
-    return [module for module in model.modules() if isinstance(module, torch.nn.Linear)
-            and hasattr(module.weight, "quant_state") and module.weight.quant_state is not None]
+    return [module for _, module in _named_quantized_projections(model)]
+
+
+def _named_quantized_projections(model):
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and getattr(module.weight, "quant_state", None) is not None:
+            yield name, module
 
 
 def dequantized_bytes(model) -> int:
     """Bytes the kept matrices of ``model``'s 4-bit projections would take (0 for a model without any)."""
-    total = 0
-    for module in quantized_projections(model):
-        state = module.weight.quant_state
-        total += math.prod(state.shape) * torch.empty((), dtype=state.dtype).element_size()
-    return total
+    return sum(math.prod(module.weight.quant_state.shape) * module.weight.quant_state.dtype.itemsize
+               for module in quantized_projections(model))
 
 
 def dequantize_base_once(model) -> int:
@@ -46,10 +48,8 @@ def dequantize_base_once(model) -> int:
     A projection whose weight is in bitsandbytes' CPU inference layout is left as it is."""
     import bitsandbytes.functional as bnb_functional
 
-    projections, kept = set(quantized_projections(model)), []
-    for name, module in model.named_modules():
-        if module not in projections:
-            continue
+    kept = []
+    for name, module in _named_quantized_projections(model):
         state = module.weight.quant_state
         if getattr(module, BUFFER, None) is not None or getattr(state, "packing_format_for_cpu", False):
             continue

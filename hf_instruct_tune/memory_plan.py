@@ -17,10 +17,10 @@ fixed by the user; how they are cut into micro-batches is not, and neither is wh
    once and kept in bf16 (:mod:`~hf_instruct_tune.dequantized_base`), no dequantization in the steps.
 
 None of these changes the loss or the gradients: the loss of a step is normalized by the supervised tokens
-of the whole step whatever the micro-batches, checkpointing recomputes the same values, and the fused loss
-is the same cross-entropy, and the kept bf16 weights are the ones each step would dequantize. The estimate is calibrated on the peaks that ``train`` measured for a Llama-3-8B
-QLoRA step on an H200 (``BENCHMARKS.md``, "GPU"): within 6% of each at the mean micro-batch, and above each at
-the plan's larger-than-mean micro-batch.
+of the whole step whatever the micro-batches, checkpointing recomputes the same values, the fused loss is the
+same cross-entropy, and the kept bf16 weights are the ones each step would dequantize. The estimate is calibrated
+on the peaks that ``train`` measured for a Llama-3-8B QLoRA step on an H200 (``BENCHMARKS.md``, "GPU"): within
+6% of each at the mean micro-batch, and above each at the plan's larger-than-mean micro-batch.
 
 Without a GPU and without ``--max-memory``, nothing is planned: the batch runs as given.
 """
@@ -78,7 +78,8 @@ class ModelShape:
     """The adapter's weight, gradient and two Adam moments: 16 bytes in fp32; 8 on a quantized base, where
     ``SFTTrainer`` keeps the adapter in bf16."""
     dequantized_bytes: int = 0
-    """Bytes of the 4-bit projections' weights dequantized (:func:`~hf_instruct_tune.dequantized_base.dequantized_bytes`)."""
+    """Bytes of the 4-bit projections' weights dequantized
+    (:func:`~hf_instruct_tune.dequantized_base.dequantized_bytes`)."""
 
     @classmethod
     def of(cls, model, trainable_params: int | None = None) -> ModelShape:
@@ -252,20 +253,20 @@ def plan_memory(
     """
     layers = shape.layers
     kernels = _loss_kernels(fixed)
+    dequantized = bool(fixed.dequantized_base and shape.dequantized_bytes)
     if budget_gib is None:
         micro = given_micro_batch or rows_per_process
         kernel = kernels[0] if fixed.loss_kernel or fixed.fused_loss is not None else "plain"
         return MemoryPlan(rows_per_process * processes, processes, micro, rows_per_process // micro,
                           layers if fixed.checkpointing else 0, layers, kernel != "plain",
                           bool(fixed.embeddings_on_cpu), None, None, "none", compiled_layers, liger_layers, kernel,
-                          dequantized_base=bool(fixed.dequantized_base and shape.dequantized_bytes))
+                          dequantized_base=dequantized)
     budget = budget_gib * GIB
     lean_loss = kernels[-1]
     lean_embeddings = (can_offload_embeddings if fixed.embeddings_on_cpu is None else fixed.embeddings_on_cpu)
     checkpoint_choices = ([layers] if fixed.checkpointing else [0] if fixed.checkpointing is False
                           else list(range(layers + 1)))
     most_checkpointed = max(checkpoint_choices)
-    dequantized = bool(fixed.dequantized_base and shape.dequantized_bytes)
 
     def tokens_cost(tokens: int, checkpointed: int, kernel: str, on_cpu: bool) -> float:
         return estimate_bytes(shape, tokens=tokens, checkpointed_layers=checkpointed, fused_loss=kernel != "plain",

@@ -12,13 +12,13 @@ import pytest
 import torch
 from helpers import logged_losses, sentiment_rows, tiny_lora_trainer
 from test_fused_lora import _fused_copy, _lora_model, _loss_and_grads
-from test_memory_plan import LLAMA3_8B_NF4, _plan
+from test_memory_plan import LLAMA3_8B_NF4, _bench_lengths, _plan
 from torch.testing import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import TrainerCallback
 
 from hf_instruct_tune.dequantized_base import BUFFER, dequantize_base_once, dequantized_bytes, restore_quantized
-from hf_instruct_tune.memory_plan import GIB, Fixed
+from hf_instruct_tune.memory_plan import GIB, Fixed, plan_memory
 from hf_instruct_tune.testing.tiny import build_tiny_model, build_tiny_tokenizer
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is None, reason="needs bitsandbytes")
@@ -144,14 +144,9 @@ LLAMA3_8B_NF4_KEEPABLE = dataclasses.replace(LLAMA3_8B_NF4, dequantized_bytes=LL
 
 
 def _keepable_plan(budget, **kwargs):
-    import test_memory_plan
-
-    shape = test_memory_plan.LLAMA3_8B_NF4
-    test_memory_plan.LLAMA3_8B_NF4 = LLAMA3_8B_NF4_KEEPABLE
-    try:
-        return _plan(budget, **kwargs)
-    finally:
-        test_memory_plan.LLAMA3_8B_NF4 = shape
+    """``test_memory_plan._plan`` for the 8B model whose 4-bit projections can be kept dequantized."""
+    return plan_memory(LLAMA3_8B_NF4_KEEPABLE, rows_per_process=16, processes=1, row_lengths=_bench_lengths(),
+                       packed=True, budget_gib=budget, **kwargs)
 
 
 def test_the_plan_keeps_the_base_dequantized_only_with_room_to_spare(monkeypatch):
