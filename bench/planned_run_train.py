@@ -9,8 +9,8 @@ tokens/s of the steps after warm-up). At exit it prints the seconds torch.compil
 With ``BENCH_PROFILE_STEPS`` set it profiles that window too, as bench/profiled_train.py does. With
 ``BENCH_ACTIVATION_MEMORY_BUDGET`` (0-1) set, compiled layers are partitioned under torch's activation memory
 budget (``torch._functorch.config.activation_memory_budget``: below 1, the compiled backward recomputes the
-cheapest of what it would keep). `bench/gpu_frontier.py
-cli` runs it in place of the CLI when ``BENCH_PLANNED_STEPS`` is set.
+cheapest of what it would keep). `bench/gpu_frontier.py cli` runs it in place of the CLI when
+``BENCH_PLANNED_STEPS`` is set.
 """
 
 from __future__ import annotations

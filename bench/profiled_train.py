@@ -5,8 +5,9 @@ The command line is the CLI's (`python bench/profiled_train.py train --model ...
 1-based, default "8:9"), and each process writes ``BENCH_PROFILE_OUT/profile_rank{R}.json``: the window's wall
 seconds, device time by category (kernels summed over streams: NCCL collectives apart from compute), the share of
 the wall time the compute stream was busy, the CPU time of the optimizer step, and the top operators by device and
-by CPU time. The window's Chrome trace is kept gzipped beside it, and where its GPU sat idle (bench/trace_gaps.py) is in the
-summary's "gaps". `bench/gpu_frontier.py cli` runs it in place of the CLI when ``BENCH_PROFILE_STEPS`` is set.
+by CPU time. The window's Chrome trace is kept gzipped beside it, and where its GPU sat idle
+(bench/trace_gaps.py) is in the summary's "gaps". `bench/gpu_frontier.py cli` runs it in place of the CLI when
+``BENCH_PROFILE_STEPS`` is set.
 
 usage: python bench/profiled_train.py summary DIR   -> one line per profile found in DIR
 """
